@@ -1,0 +1,124 @@
+/*
+ * pyemb: virtio devices whose behaviour is a Python device model
+ *
+ * Internal interfaces shared by the files of hw/pyemb.
+ *
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ */
+
+#ifndef HW_PYEMB_INTERNAL_H
+#define HW_PYEMB_INTERNAL_H
+
+/*
+ * Python.h must come after qemu/osdep.h (QEMU's rule) and before anything
+ * that uses Py* names; the feature macros it sets agree with QEMU's.
+ */
+#define PY_SSIZE_T_CLEAN
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wredundant-decls"
+#pragma GCC diagnostic ignored "-Wstrict-prototypes"
+#include <Python.h>
+#pragma GCC diagnostic pop
+
+#include "hw/virtio/virtio.h"
+#include "qemu/queue.h"
+#include "qemu/thread.h"
+
+#define TYPE_VIRTIO_PYEMB "virtio-pyemb-device"
+#define TYPE_VIRTIO_SND_PY "virtio-snd-py"
+#define TYPE_VIRTIO_VIDEO_PY "virtio-video-py"
+
+OBJECT_DECLARE_TYPE(VirtIOPyemb, VirtIOPyembClass, VIRTIO_PYEMB)
+
+struct VirtIOPyembClass {
+    VirtioDeviceClass parent_class;
+    /* Which bundled device model pyemb.host builds: "snd" or "video". */
+    const char *kind;
+};
+
+typedef struct PyembRequest PyembRequest;
+typedef struct PyembMapping PyembMapping;
+
+/* An element completed from a thread that does not hold the BQL. */
+typedef struct PyembDone {
+    VirtQueueElement *elem;
+    unsigned queue_index;
+    uint32_t written;
+    QSIMPLEQ_ENTRY(PyembDone) next;
+} PyembDone;
+
+struct VirtIOPyemb {
+    VirtIODevice parent_obj;
+
+    /* Properties */
+    char *backend;
+    char *config;
+    char *role;
+
+    /* Shape, from the Python device model at realize */
+    uint16_t device_id;
+    uint32_t config_size;
+    uint64_t model_features;
+    unsigned num_queues;
+    VirtQueue **vqs;
+
+    /* Python side; touched only with the GIL held */
+    PyObject *model;            /* the device model */
+    PyObject *handle;           /* the _pyemb.Device handed to the model */
+    PyObject *dispatch;         /* bound model.handle_request */
+    QTAILQ_HEAD(, PyembRequest) live_requests;
+    QTAILQ_HEAD(, PyembMapping) mappings;
+    bool warned_kept_views;
+
+    /* Completions from foreign threads, pushed by completion_bh */
+    QemuMutex done_lock;
+    QSIMPLEQ_HEAD(, PyembDone) done;
+    QEMUBH *completion_bh;
+    bool config_changed;        /* under done_lock */
+
+    QTAILQ_ENTRY(VirtIOPyemb) next;     /* all realized pyemb devices */
+};
+
+/* pyemb-interp.c: the one interpreter of this QEMU process */
+bool pyemb_python_start(Error **errp);
+bool pyemb_python_running(void);
+bool pyemb_gil_acquire(void);
+void pyemb_gil_release(bool acquired);
+void pyemb_report_exception(const char *who, const char *what);
+char *pyemb_exception_line(void);
+void pyemb_register_device(VirtIOPyemb *s);
+void pyemb_unregister_device(VirtIOPyemb *s);
+
+/* pyemb-module.c: the _pyemb extension module (GIL held for all of these) */
+PyObject *pyemb_module_init(void);
+PyObject *pyemb_device_handle_new(VirtIOPyemb *s);
+void pyemb_device_handle_detach(PyObject *handle);
+PyObject *pyemb_request_new(VirtIOPyemb *s, unsigned queue_index,
+                            VirtQueueElement *elem);
+bool pyemb_request_finish(PyObject *request, uint32_t written);
+unsigned pyemb_cancel_requests(VirtIOPyemb *s);
+void pyemb_release_mappings(VirtIOPyemb *s);
+
+/* virtio-pyemb.c */
+void pyemb_push_element(VirtIOPyemb *s, unsigned queue_index,
+                        VirtQueueElement *elem, uint32_t written);
+void pyemb_queue_completion(VirtIOPyemb *s, unsigned queue_index,
+                            VirtQueueElement *elem, uint32_t written);
+void pyemb_request_config_notify(VirtIOPyemb *s);
+
+struct PyembRequest {
+    PyObject_HEAD
+    VirtIOPyemb *dev;           /* NULL once completed or cancelled */
+    VirtQueueElement *elem;
+    unsigned queue_index;
+    PyObject *readable;         /* tuple of memoryview */
+    PyObject *writable;         /* tuple of memoryview */
+    PyObject *regions;          /* tuple of the exporters behind them */
+    size_t readable_size;
+    size_t writable_size;
+    bool finished;              /* completed or cancelled */
+    bool cancelled;             /* dropped by a device reset */
+    QTAILQ_ENTRY(PyembRequest) next;
+};
+
+#endif

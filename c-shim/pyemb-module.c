@@ -1,0 +1,745 @@
+/*
+ * pyemb: the _pyemb extension module seen by the Python device models
+ *
+ *   _pyemb.Request       one popped virtqueue element; its readable and
+ *                        writable parts are memoryviews straight over guest
+ *                        RAM, dead (ValueError) once the request completes
+ *   _pyemb.GuestMapping  a long-lived mapping of guest RAM (virtio-video
+ *                        resources), bounds-checked, unmapped on release()
+ *   _pyemb.Device        the handle a device model gets: map_guest(),
+ *                        notify_config()
+ *   log_error(), log_warning()   QEMU's error reporting
+ *
+ * Every function here runs with the GIL held.  Functions that touch virtio
+ * state check bql_locked() and defer to a bottom half when called from a
+ * thread that does not hold the BQL.
+ *
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ */
+
+#include "qemu/osdep.h"
+#include "pyemb-internal.h"
+#include <structmember.h>
+#include "qemu/error-report.h"
+#include "qemu/main-loop.h"
+#include "qemu/rcu.h"
+#include "exec/memory.h"
+#include "system/dma.h"
+#include "trace.h"
+
+/*
+ * GuestRegion: the buffer exporter behind every memoryview over guest
+ * memory.  It counts exports, so that views a model keeps (slices,
+ * numpy arrays) after completion can be reported, and refuses new exports
+ * once invalidated.
+ */
+typedef struct {
+    PyObject_HEAD
+    void *ptr;
+    Py_ssize_t len;
+    bool readonly;
+    bool valid;
+    Py_ssize_t exports;
+} GuestRegion;
+
+static int guest_region_getbuffer(PyObject *obj, Py_buffer *view, int flags)
+{
+    GuestRegion *r = (GuestRegion *)obj;
+
+    if (!r->valid) {
+        PyErr_SetString(PyExc_ValueError,
+                        "guest memory used after its request completed or "
+                        "its mapping was released");
+        view->obj = NULL;
+        return -1;
+    }
+    if (PyBuffer_FillInfo(view, obj, r->ptr, r->len, r->readonly, flags) < 0) {
+        return -1;
+    }
+    r->exports++;
+    return 0;
+}
+
+static void guest_region_releasebuffer(PyObject *obj, Py_buffer *view)
+{
+    ((GuestRegion *)obj)->exports--;
+}
+
+static PyBufferProcs guest_region_as_buffer = {
+    .bf_getbuffer = guest_region_getbuffer,
+    .bf_releasebuffer = guest_region_releasebuffer,
+};
+
+static PyTypeObject GuestRegionType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "_pyemb.GuestRegion",
+    .tp_basicsize = sizeof(GuestRegion),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_as_buffer = &guest_region_as_buffer,
+    .tp_doc = "Guest memory behind a memoryview (internal).",
+};
+
+/* A memoryview over host pointer @ptr; *region receives its exporter. */
+static PyObject *guest_view_new(void *ptr, size_t len, bool readonly,
+                                PyObject **region)
+{
+    GuestRegion *r = PyObject_New(GuestRegion, &GuestRegionType);
+    PyObject *view;
+
+    if (!r) {
+        return NULL;
+    }
+    r->ptr = ptr;
+    r->len = len;
+    r->readonly = readonly;
+    r->valid = true;
+    r->exports = 0;
+    view = PyMemoryView_FromObject((PyObject *)r);
+    if (!view) {
+        Py_DECREF(r);
+        return NULL;
+    }
+    *region = (PyObject *)r;
+    return view;
+}
+
+/*
+ * Kill a view and its exporter.  Returns true if something derived from
+ * the view (a slice, a cast, a numpy array) is still alive: CPython gives
+ * no way to revoke those, so they are reported instead.
+ */
+static bool guest_view_invalidate(PyObject *view, PyObject *region)
+{
+    GuestRegion *r = (GuestRegion *)region;
+    PyObject *res = PyObject_CallMethod(view, "release", NULL);
+
+    if (!res) {
+        PyErr_Clear();  /* BufferError: the view itself is exported */
+    }
+    Py_XDECREF(res);
+    r->valid = false;
+    return r->exports > 0;
+}
+
+static void warn_kept_views(VirtIOPyemb *s, const char *what)
+{
+    if (s && !s->warned_kept_views) {
+        s->warned_kept_views = true;
+        warn_report("%s: the device model keeps views of guest memory after "
+                    "%s; they are stale (reported once per device)",
+                    object_get_typename(OBJECT(s)), what);
+    }
+}
+
+/* ---- Request ---------------------------------------------------------- */
+
+static PyTypeObject RequestType;
+
+static PyObject *views_of(struct iovec *sg, unsigned num, bool readonly,
+                          PyObject *regions, Py_ssize_t *region_at,
+                          size_t *total)
+{
+    PyObject *views = PyTuple_New(num);
+
+    if (!views) {
+        return NULL;
+    }
+    *total = 0;
+    for (unsigned i = 0; i < num; i++) {
+        PyObject *region;
+        PyObject *view = guest_view_new(sg[i].iov_base, sg[i].iov_len,
+                                        readonly, &region);
+        if (!view) {
+            Py_DECREF(views);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(views, i, view);
+        PyTuple_SET_ITEM(regions, (*region_at)++, region);
+        *total += sg[i].iov_len;
+    }
+    return views;
+}
+
+PyObject *pyemb_request_new(VirtIOPyemb *s, unsigned queue_index,
+                            VirtQueueElement *elem)
+{
+    PyembRequest *req = PyObject_New(PyembRequest, &RequestType);
+    Py_ssize_t at = 0;
+
+    if (!req) {
+        return NULL;
+    }
+    req->dev = NULL;
+    req->elem = elem;
+    req->queue_index = queue_index;
+    req->finished = false;
+    req->cancelled = false;
+    req->readable = req->writable = NULL;
+    req->regions = PyTuple_New(elem->out_num + elem->in_num);
+    if (req->regions) {
+        req->readable = views_of(elem->out_sg, elem->out_num, true,
+                                 req->regions, &at, &req->readable_size);
+    }
+    if (req->readable) {
+        req->writable = views_of(elem->in_sg, elem->in_num, false,
+                                 req->regions, &at, &req->writable_size);
+    }
+    if (!req->writable) {
+        req->elem = NULL;       /* the caller still owns elem */
+        req->finished = true;
+        Py_DECREF(req);
+        return NULL;
+    }
+    req->dev = s;
+    QTAILQ_INSERT_TAIL(&s->live_requests, req, next);
+    return (PyObject *)req;
+}
+
+/* Invalidate every view of @req; report views the model kept. */
+static void request_kill_views(PyembRequest *req, VirtIOPyemb *s)
+{
+    bool kept = false;
+    Py_ssize_t at = 0;
+    PyObject *groups[2] = { req->readable, req->writable };
+
+    for (int g = 0; g < 2; g++) {
+        if (!groups[g]) {
+            continue;
+        }
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(groups[g]); i++, at++) {
+            kept |= guest_view_invalidate(PyTuple_GET_ITEM(groups[g], i),
+                                          PyTuple_GET_ITEM(req->regions, at));
+        }
+    }
+    if (kept) {
+        warn_kept_views(s, "completing a request");
+    }
+}
+
+/*
+ * Complete @request with @written bytes: kill its views, then push the
+ * element now (BQL held) or through the completion bottom half.  Returns
+ * false if it was already finished (completed or cancelled by a reset).
+ */
+bool pyemb_request_finish(PyObject *request, uint32_t written)
+{
+    PyembRequest *req = (PyembRequest *)request;
+    VirtIOPyemb *s = req->dev;
+    VirtQueueElement *elem = req->elem;
+
+    if (req->finished) {
+        return false;
+    }
+    req->finished = true;
+    request_kill_views(req, s);
+    if (!s) {
+        return false;
+    }
+    QTAILQ_REMOVE(&s->live_requests, req, next);
+    req->dev = NULL;
+    req->elem = NULL;
+    if (bql_locked()) {
+        pyemb_push_element(s, req->queue_index, elem, written);
+    } else {
+        pyemb_queue_completion(s, req->queue_index, elem, written);
+    }
+    return true;
+}
+
+/* Device reset or unrealize: drop every request the model still holds. */
+unsigned pyemb_cancel_requests(VirtIOPyemb *s)
+{
+    unsigned n = 0;
+
+    while (!QTAILQ_EMPTY(&s->live_requests)) {
+        PyembRequest *req = QTAILQ_FIRST(&s->live_requests);
+
+        QTAILQ_REMOVE(&s->live_requests, req, next);
+        req->finished = true;
+        req->cancelled = true;
+        request_kill_views(req, s);
+        virtqueue_detach_element(s->vqs[req->queue_index], req->elem, 0);
+        g_free(req->elem);
+        req->elem = NULL;
+        req->dev = NULL;
+        n++;
+    }
+    return n;
+}
+
+static PyObject *request_complete(PyObject *self, PyObject *args,
+                                  PyObject *kwargs)
+{
+    static const char *kwlist[] = { "written", NULL };
+    PyembRequest *req = (PyembRequest *)self;
+    Py_ssize_t written = 0;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|n:complete", (char **)kwlist,
+                                     &written)) {
+        return NULL;
+    }
+    if (req->cancelled) {
+        Py_RETURN_FALSE;        /* a device reset dropped it */
+    }
+    if (req->finished) {
+        PyErr_SetString(PyExc_RuntimeError, "request already completed");
+        return NULL;
+    }
+    if (written < 0 || (size_t)written > req->writable_size) {
+        PyErr_Format(PyExc_ValueError,
+                     "written=%zd is outside the request's %zu writable bytes",
+                     written, req->writable_size);
+        return NULL;
+    }
+    return PyBool_FromLong(pyemb_request_finish(self, written));
+}
+
+static void request_dealloc(PyObject *self)
+{
+    PyembRequest *req = (PyembRequest *)self;
+
+    if (!req->finished && req->dev) {
+        warn_report("%s: a request on queue %u was dropped without being "
+                    "completed; returning it to the guest empty",
+                    object_get_typename(OBJECT(req->dev)), req->queue_index);
+        pyemb_request_finish(self, 0);
+    }
+    Py_XDECREF(req->readable);
+    Py_XDECREF(req->writable);
+    Py_XDECREF(req->regions);
+    PyObject_Free(self);
+}
+
+static PyObject *request_get_done(PyObject *self, void *closure)
+{
+    return PyBool_FromLong(((PyembRequest *)self)->finished);
+}
+
+static PyObject *request_get_cancelled(PyObject *self, void *closure)
+{
+    return PyBool_FromLong(((PyembRequest *)self)->cancelled);
+}
+
+static PyMethodDef request_methods[] = {
+    { "complete", (PyCFunction)(void (*)(void))request_complete,
+      METH_VARARGS | METH_KEYWORDS,
+      "complete(written=0) -> bool\n\n"
+      "Return the request to the guest with `written` bytes written into its\n"
+      "writable part.  Callable from any thread.  Every view of the request\n"
+      "is dead afterwards.  Returns False if a device reset already dropped\n"
+      "the request; raises RuntimeError if it was completed before." },
+    { NULL }
+};
+
+static PyMemberDef request_members[] = {
+    { "queue", T_UINT, offsetof(PyembRequest, queue_index), READONLY,
+      "index of the virtqueue the request came from" },
+    { "readable", T_OBJECT_EX, offsetof(PyembRequest, readable), READONLY,
+      "tuple of read-only memoryviews: the device-readable descriptors" },
+    { "writable", T_OBJECT_EX, offsetof(PyembRequest, writable), READONLY,
+      "tuple of writable memoryviews: the device-writable descriptors" },
+    { "readable_size", T_PYSSIZET, offsetof(PyembRequest, readable_size),
+      READONLY, "total bytes the device may read" },
+    { "writable_size", T_PYSSIZET, offsetof(PyembRequest, writable_size),
+      READONLY, "total bytes the device may write" },
+    { NULL }
+};
+
+static PyGetSetDef request_getset[] = {
+    { "done", request_get_done, NULL, "True once completed or cancelled" },
+    { "cancelled", request_get_cancelled, NULL,
+      "True if a device reset dropped the request" },
+    { NULL }
+};
+
+static PyTypeObject RequestType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "_pyemb.Request",
+    .tp_basicsize = sizeof(PyembRequest),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_dealloc = request_dealloc,
+    .tp_methods = request_methods,
+    .tp_members = request_members,
+    .tp_getset = request_getset,
+    .tp_doc = "One virtqueue element handed to a pyemb device model.",
+};
+
+/* ---- GuestMapping ----------------------------------------------------- */
+
+struct PyembMapping {
+    PyObject_HEAD
+    VirtIOPyemb *dev;           /* NULL once released */
+    void *ptr;
+    uint64_t addr;
+    uint64_t len;
+    bool writable;
+    PyObject *view;
+    PyObject *region;
+    QTAILQ_ENTRY(PyembMapping) next;
+};
+
+static PyTypeObject GuestMappingType;
+
+static void mapping_release(PyembMapping *m)
+{
+    VirtIOPyemb *s = m->dev;
+
+    if (!s) {
+        return;
+    }
+    if (guest_view_invalidate(m->view, m->region)) {
+        warn_kept_views(s, "releasing a guest mapping");
+    }
+    trace_pyemb_unmap_guest(m->addr, m->len);
+    dma_memory_unmap(VIRTIO_DEVICE(s)->dma_as, m->ptr, m->len,
+                     m->writable ? DMA_DIRECTION_FROM_DEVICE
+                                 : DMA_DIRECTION_TO_DEVICE,
+                     m->writable ? m->len : 0);
+    QTAILQ_REMOVE(&s->mappings, m, next);
+    m->dev = NULL;
+}
+
+void pyemb_release_mappings(VirtIOPyemb *s)
+{
+    while (!QTAILQ_EMPTY(&s->mappings)) {
+        mapping_release(QTAILQ_FIRST(&s->mappings));
+    }
+}
+
+static PyObject *mapping_release_method(PyObject *self, PyObject *unused)
+{
+    mapping_release((PyembMapping *)self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *mapping_enter(PyObject *self, PyObject *unused)
+{
+    return Py_NewRef(self);
+}
+
+static PyObject *mapping_exit(PyObject *self, PyObject *args)
+{
+    mapping_release((PyembMapping *)self);
+    Py_RETURN_FALSE;
+}
+
+static void mapping_dealloc(PyObject *self)
+{
+    PyembMapping *m = (PyembMapping *)self;
+
+    mapping_release(m);
+    Py_XDECREF(m->view);
+    Py_XDECREF(m->region);
+    PyObject_Free(self);
+}
+
+static PyObject *mapping_get_view(PyObject *self, void *closure)
+{
+    PyembMapping *m = (PyembMapping *)self;
+
+    if (!m->dev) {
+        PyErr_SetString(PyExc_ValueError, "guest mapping was released");
+        return NULL;
+    }
+    return Py_NewRef(m->view);
+}
+
+static PyMethodDef mapping_methods[] = {
+    { "release", mapping_release_method, METH_NOARGS,
+      "Unmap the guest memory; the view is dead afterwards." },
+    { "__enter__", mapping_enter, METH_NOARGS, NULL },
+    { "__exit__", mapping_exit, METH_VARARGS, NULL },
+    { NULL }
+};
+
+static PyMemberDef mapping_members[] = {
+    { "address", T_ULONGLONG, offsetof(PyembMapping, addr), READONLY,
+      "guest-physical address" },
+    { "length", T_ULONGLONG, offsetof(PyembMapping, len), READONLY,
+      "length in bytes" },
+    { "writable", T_BOOL, offsetof(PyembMapping, writable), READONLY,
+      "whether the view is writable" },
+    { NULL }
+};
+
+static PyGetSetDef mapping_getset[] = {
+    { "view", mapping_get_view, NULL, "memoryview over the guest memory" },
+    { NULL }
+};
+
+static PyTypeObject GuestMappingType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "_pyemb.GuestMapping",
+    .tp_basicsize = sizeof(PyembMapping),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_dealloc = mapping_dealloc,
+    .tp_methods = mapping_methods,
+    .tp_members = mapping_members,
+    .tp_getset = mapping_getset,
+    .tp_doc = "A range of guest RAM mapped for longer than one request.",
+};
+
+/* ---- Device handle ---------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    VirtIOPyemb *dev;           /* NULL once the device is unrealized */
+} DeviceHandle;
+
+static VirtIOPyemb *handle_device(PyObject *self)
+{
+    VirtIOPyemb *s = ((DeviceHandle *)self)->dev;
+
+    if (!s) {
+        PyErr_SetString(PyExc_RuntimeError, "the QEMU device is gone");
+    }
+    return s;
+}
+
+/* True if [addr, addr + len) is guest RAM, so mapping needs no bounce. */
+static bool range_is_guest_ram(AddressSpace *as, uint64_t addr, uint64_t len,
+                               bool writable)
+{
+    hwaddr xlat, plen = len;
+    MemoryRegion *mr;
+
+    RCU_READ_LOCK_GUARD();
+    mr = address_space_translate(as, addr, &xlat, &plen, writable,
+                                 MEMTXATTRS_UNSPECIFIED);
+    return memory_region_is_ram(mr) && !(writable && mr->readonly) &&
+           plen >= len;
+}
+
+static PyObject *handle_map_guest(PyObject *self, PyObject *args,
+                                  PyObject *kwargs)
+{
+    static const char *kwlist[] = { "address", "length", "writable",
+                                    NULL };
+    VirtIOPyemb *s = handle_device(self);
+    unsigned long long addr, len;
+    int writable = 1;
+    dma_addr_t mapped;
+    ram_addr_t offset;
+    void *ptr;
+    AddressSpace *as;
+    PyembMapping *m;
+    PyObject *region;
+
+    if (!s || !PyArg_ParseTupleAndKeywords(args, kwargs, "KK|p:map_guest",
+                                           (char **)kwlist, &addr, &len, &writable)) {
+        return NULL;
+    }
+    if (len == 0 || addr + len < addr || len > PY_SSIZE_T_MAX) {
+        PyErr_Format(PyExc_ValueError, "invalid guest range 0x%llx+0x%llx",
+                     addr, len);
+        return NULL;
+    }
+    as = VIRTIO_DEVICE(s)->dma_as;
+    if (!range_is_guest_ram(as, addr, len, writable)) {
+        PyErr_Format(PyExc_ValueError,
+                     "guest range 0x%llx+0x%llx is not %sguest RAM",
+                     addr, len, writable ? "writable " : "");
+        return NULL;
+    }
+    mapped = len;
+    ptr = dma_memory_map(as, addr, &mapped,
+                         writable ? DMA_DIRECTION_FROM_DEVICE
+                                  : DMA_DIRECTION_TO_DEVICE,
+                         MEMTXATTRS_UNSPECIFIED);
+    if (!ptr || mapped < len || !memory_region_from_host(ptr, &offset)) {
+        if (ptr) {
+            dma_memory_unmap(as, ptr, mapped, DMA_DIRECTION_TO_DEVICE, 0);
+        }
+        PyErr_Format(PyExc_ValueError,
+                     "guest range 0x%llx+0x%llx is not contiguous guest RAM",
+                     addr, len);
+        return NULL;
+    }
+    trace_pyemb_map_guest(addr, len, writable);
+
+    m = PyObject_New(PyembMapping, &GuestMappingType);
+    if (!m) {
+        dma_memory_unmap(as, ptr, mapped, DMA_DIRECTION_TO_DEVICE, 0);
+        return NULL;
+    }
+    m->dev = NULL;
+    m->ptr = ptr;
+    m->addr = addr;
+    m->len = len;
+    m->writable = writable;
+    m->region = NULL;
+    m->view = guest_view_new(ptr, len, !writable, &region);
+    if (!m->view) {
+        dma_memory_unmap(as, ptr, mapped, DMA_DIRECTION_TO_DEVICE, 0);
+        Py_DECREF(m);
+        return NULL;
+    }
+    m->region = region;
+    m->dev = s;
+    QTAILQ_INSERT_TAIL(&s->mappings, m, next);
+    return (PyObject *)m;
+}
+
+static PyObject *handle_notify_config(PyObject *self, PyObject *unused)
+{
+    VirtIOPyemb *s = handle_device(self);
+
+    if (!s) {
+        return NULL;
+    }
+    pyemb_request_config_notify(s);
+    Py_RETURN_NONE;
+}
+
+static PyObject *handle_get_name(PyObject *self, void *closure)
+{
+    VirtIOPyemb *s = handle_device(self);
+    DeviceState *dev;
+
+    if (!s) {
+        return NULL;
+    }
+    dev = DEVICE(s);
+    if (dev->id) {
+        return PyUnicode_FromString(dev->id);
+    }
+    if (dev->parent_bus && dev->parent_bus->parent &&
+        dev->parent_bus->parent->id) {
+        return PyUnicode_FromString(dev->parent_bus->parent->id);
+    }
+    return PyUnicode_FromString(object_get_typename(OBJECT(s)));
+}
+
+static PyObject *handle_get_live(PyObject *self, void *closure)
+{
+    return PyBool_FromLong(((DeviceHandle *)self)->dev != NULL);
+}
+
+static PyObject *handle_get_pending(PyObject *self, void *closure)
+{
+    VirtIOPyemb *s = ((DeviceHandle *)self)->dev;
+    PyembRequest *req;
+    long n = 0;
+
+    if (s) {
+        QTAILQ_FOREACH(req, &s->live_requests, next) {
+            n++;
+        }
+    }
+    return PyLong_FromLong(n);
+}
+
+static PyMethodDef handle_methods[] = {
+    { "map_guest", (PyCFunction)(void (*)(void))handle_map_guest,
+      METH_VARARGS | METH_KEYWORDS,
+      "map_guest(address, length, writable=True) -> GuestMapping\n\n"
+      "Map guest RAM for longer than one request.  Raises ValueError if any\n"
+      "byte of the range is not guest RAM.  Callable from any thread." },
+    { "notify_config", handle_notify_config, METH_NOARGS,
+      "Tell the driver that the config space changed." },
+    { NULL }
+};
+
+static PyGetSetDef handle_getset[] = {
+    { "name", handle_get_name, NULL, "the device's id, for messages" },
+    { "live", handle_get_live, NULL, "False once the device is unrealized" },
+    { "pending_requests", handle_get_pending, NULL,
+      "requests popped but not yet completed" },
+    { NULL }
+};
+
+static PyTypeObject DeviceHandleType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "_pyemb.Device",
+    .tp_basicsize = sizeof(DeviceHandle),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_methods = handle_methods,
+    .tp_getset = handle_getset,
+    .tp_doc = "The QEMU side of one pyemb device.",
+};
+
+PyObject *pyemb_device_handle_new(VirtIOPyemb *s)
+{
+    DeviceHandle *h = PyObject_New(DeviceHandle, &DeviceHandleType);
+
+    if (h) {
+        h->dev = s;
+    }
+    return (PyObject *)h;
+}
+
+void pyemb_device_handle_detach(PyObject *handle)
+{
+    if (handle) {
+        ((DeviceHandle *)handle)->dev = NULL;
+    }
+}
+
+/* ---- module ----------------------------------------------------------- */
+
+static PyObject *module_log(PyObject *self, PyObject *args, bool warning)
+{
+    const char *msg;
+
+    if (!PyArg_ParseTuple(args, "s", &msg)) {
+        return NULL;
+    }
+    if (warning) {
+        warn_report("%s", msg);
+    } else {
+        error_report("%s", msg);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *module_log_error(PyObject *self, PyObject *args)
+{
+    return module_log(self, args, false);
+}
+
+static PyObject *module_log_warning(PyObject *self, PyObject *args)
+{
+    return module_log(self, args, true);
+}
+
+static PyMethodDef module_methods[] = {
+    { "log_error", module_log_error, METH_VARARGS,
+      "log_error(message): report through QEMU's error_report()" },
+    { "log_warning", module_log_warning, METH_VARARGS,
+      "log_warning(message): report through QEMU's warn_report()" },
+    { NULL }
+};
+
+static struct PyModuleDef pyemb_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "_pyemb",
+    .m_doc = "The QEMU side of pyemb; exists only inside a patched QEMU.",
+    .m_size = -1,
+    .m_methods = module_methods,
+};
+
+PyObject *pyemb_module_init(void)
+{
+    PyObject *m;
+    PyTypeObject *types[] = { &GuestRegionType, &RequestType,
+                              &GuestMappingType, &DeviceHandleType };
+
+    for (size_t i = 0; i < ARRAY_SIZE(types); i++) {
+        if (PyType_Ready(types[i]) < 0) {
+            return NULL;
+        }
+    }
+    m = PyModule_Create(&pyemb_module);
+    if (!m) {
+        return NULL;
+    }
+    if (PyModule_AddObjectRef(m, "Request", (PyObject *)&RequestType) < 0 ||
+        PyModule_AddObjectRef(m, "GuestMapping",
+                              (PyObject *)&GuestMappingType) < 0 ||
+        PyModule_AddObjectRef(m, "Device",
+                              (PyObject *)&DeviceHandleType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

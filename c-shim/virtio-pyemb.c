@@ -1,0 +1,582 @@
+/*
+ * pyemb: virtio devices whose behaviour is a Python device model
+ *
+ * virtio-snd-py (ID 25) and virtio-video-py (ID 31 decoder, 30 encoder) are
+ * thin: realize asks pyemb.host for a device model, takes the device ID,
+ * queues, features and config size from it, and every popped element goes
+ * to model.handle_request(queue, request).  The model completes requests
+ * at once or later from any thread; completions from threads without the
+ * BQL are pushed by a bottom half in the main loop.
+ *
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ */
+
+#include "qemu/osdep.h"
+#include "pyemb-internal.h"
+#include "qapi/error.h"
+#include "qemu/error-report.h"
+#include "qemu/log.h"
+#include "qemu/lockable.h"
+#include "qemu/main-loop.h"
+#include "qemu/module.h"
+#include "exec/memory.h"
+#include "hw/qdev-properties.h"
+#include "migration/vmstate.h"
+#include "standard-headers/linux/virtio_ids.h"
+#include "trace.h"
+
+#define PYEMB_MAX_CONFIG_SIZE 4096
+#define PYEMB_DEVICE_FEATURE_BITS 24    /* bits 0..23 are device-specific */
+
+static const char *pyemb_name(VirtIOPyemb *s)
+{
+    return object_get_typename(OBJECT(s));
+}
+
+/* ---- completions ------------------------------------------------------ */
+
+void pyemb_push_element(VirtIOPyemb *s, unsigned queue_index,
+                        VirtQueueElement *elem, uint32_t written)
+{
+    VirtQueue *vq = s->vqs[queue_index];
+
+    trace_pyemb_complete(pyemb_name(s), queue_index, written, 0);
+    virtqueue_push(vq, elem, written);
+    virtio_notify(VIRTIO_DEVICE(s), vq);
+    g_free(elem);
+}
+
+void pyemb_queue_completion(VirtIOPyemb *s, unsigned queue_index,
+                            VirtQueueElement *elem, uint32_t written)
+{
+    PyembDone *done = g_new(PyembDone, 1);
+
+    trace_pyemb_complete(pyemb_name(s), queue_index, written, 1);
+    done->elem = elem;
+    done->queue_index = queue_index;
+    done->written = written;
+    WITH_QEMU_LOCK_GUARD(&s->done_lock) {
+        QSIMPLEQ_INSERT_TAIL(&s->done, done, next);
+    }
+    qemu_bh_schedule(s->completion_bh);
+}
+
+void pyemb_request_config_notify(VirtIOPyemb *s)
+{
+    if (bql_locked()) {
+        virtio_notify_config(VIRTIO_DEVICE(s));
+        return;
+    }
+    WITH_QEMU_LOCK_GUARD(&s->done_lock) {
+        s->config_changed = true;
+    }
+    qemu_bh_schedule(s->completion_bh);
+}
+
+/* Main loop, BQL held: push what foreign threads completed, one notify per
+ * queue. */
+static void pyemb_completion_bh(void *opaque)
+{
+    VirtIOPyemb *s = opaque;
+    VirtIODevice *vdev = VIRTIO_DEVICE(s);
+    QSIMPLEQ_HEAD(, PyembDone) batch = QSIMPLEQ_HEAD_INITIALIZER(batch);
+    g_autofree bool *touched = g_new0(bool, s->num_queues);
+    bool config_changed;
+    PyembDone *done;
+
+    WITH_QEMU_LOCK_GUARD(&s->done_lock) {
+        QSIMPLEQ_CONCAT(&batch, &s->done);
+        config_changed = s->config_changed;
+        s->config_changed = false;
+    }
+    while ((done = QSIMPLEQ_FIRST(&batch))) {
+        QSIMPLEQ_REMOVE_HEAD(&batch, next);
+        virtqueue_push(s->vqs[done->queue_index], done->elem, done->written);
+        touched[done->queue_index] = true;
+        g_free(done->elem);
+        g_free(done);
+    }
+    for (unsigned i = 0; i < s->num_queues; i++) {
+        if (touched[i]) {
+            virtio_notify(vdev, s->vqs[i]);
+        }
+    }
+    if (config_changed) {
+        virtio_notify_config(vdev);
+    }
+}
+
+/* Reset or unrealize: completions still queued go back unused. */
+static void pyemb_drop_queued_completions(VirtIOPyemb *s)
+{
+    QSIMPLEQ_HEAD(, PyembDone) batch = QSIMPLEQ_HEAD_INITIALIZER(batch);
+    PyembDone *done;
+
+    WITH_QEMU_LOCK_GUARD(&s->done_lock) {
+        QSIMPLEQ_CONCAT(&batch, &s->done);
+        s->config_changed = false;
+    }
+    while ((done = QSIMPLEQ_FIRST(&batch))) {
+        QSIMPLEQ_REMOVE_HEAD(&batch, next);
+        virtqueue_detach_element(s->vqs[done->queue_index], done->elem, 0);
+        g_free(done->elem);
+        g_free(done);
+    }
+}
+
+/* ---- requests --------------------------------------------------------- */
+
+/*
+ * Views are only ever handed out over guest RAM: a chain that QEMU had to
+ * map through a bounce buffer would leave Python a pointer into memory that
+ * is freed on completion.
+ */
+static bool pyemb_elem_in_guest_ram(VirtQueueElement *elem)
+{
+    ram_addr_t offset;
+
+    for (unsigned i = 0; i < elem->out_num; i++) {
+        if (!memory_region_from_host(elem->out_sg[i].iov_base, &offset)) {
+            return false;
+        }
+    }
+    for (unsigned i = 0; i < elem->in_num; i++) {
+        if (!memory_region_from_host(elem->in_sg[i].iov_base, &offset)) {
+            return false;
+        }
+    }
+    return true;
+}
+
+static void pyemb_handle_output(VirtIODevice *vdev, VirtQueue *vq)
+{
+    VirtIOPyemb *s = VIRTIO_PYEMB(vdev);
+    unsigned queue_index = virtio_get_queue_index(vq);
+    VirtQueueElement *elem;
+    PyObject *py_queue;
+    bool gil;
+
+    if (!s->dispatch || !pyemb_python_running()) {
+        return;
+    }
+    gil = pyemb_gil_acquire();
+    py_queue = PyLong_FromUnsignedLong(queue_index);
+    while (py_queue && (elem = virtqueue_pop(vq, sizeof(VirtQueueElement)))) {
+        PyObject *request, *result;
+
+        if (!pyemb_elem_in_guest_ram(elem)) {
+            qemu_log_mask(LOG_GUEST_ERROR, "%s: queue %u: a descriptor is "
+                          "not in guest RAM; returned unused\n",
+                          pyemb_name(s), queue_index);
+            pyemb_push_element(s, queue_index, elem, 0);
+            continue;
+        }
+        request = pyemb_request_new(s, queue_index, elem);
+        if (!request) {
+            pyemb_report_exception(pyemb_name(s), "wrapping a request");
+            pyemb_push_element(s, queue_index, elem, 0);
+            continue;
+        }
+        trace_pyemb_request(pyemb_name(s), queue_index,
+                            ((PyembRequest *)request)->readable_size,
+                            ((PyembRequest *)request)->writable_size);
+        result = PyObject_Vectorcall(s->dispatch,
+                                     (PyObject *[]){ py_queue, request },
+                                     2, NULL);
+        if (!result) {
+            /* The model's own error handling failed: never stall the queue. */
+            pyemb_report_exception(pyemb_name(s), "handling a request");
+            pyemb_request_finish(request, 0);
+        }
+        Py_XDECREF(result);
+        Py_DECREF(request);
+    }
+    Py_XDECREF(py_queue);
+    pyemb_gil_release(gil);
+}
+
+/* ---- calls into the model --------------------------------------------- */
+
+/* model.<method>(*args); logs and swallows an exception. GIL held. */
+static PyObject *pyemb_call(VirtIOPyemb *s, const char *method,
+                            const char *format, ...)
+{
+    PyObject *callable, *args = NULL, *result = NULL;
+    va_list va;
+
+    callable = PyObject_GetAttrString(s->model, method);
+    if (callable) {
+        va_start(va, format);
+        args = Py_VaBuildValue(format, va);
+        va_end(va);
+    }
+    if (args) {
+        result = PyObject_CallObject(callable, args);
+    }
+    if (!result) {
+        g_autofree char *what = g_strdup_printf("calling %s()", method);
+        pyemb_report_exception(pyemb_name(s), what);
+    }
+    Py_XDECREF(callable);
+    Py_XDECREF(args);
+    return result;
+}
+
+static void pyemb_get_config(VirtIODevice *vdev, uint8_t *config)
+{
+    VirtIOPyemb *s = VIRTIO_PYEMB(vdev);
+    PyObject *bytes;
+    Py_buffer buf;
+    bool gil;
+
+    memset(config, 0, s->config_size);
+    if (!s->model || !pyemb_python_running()) {
+        return;
+    }
+    gil = pyemb_gil_acquire();
+    bytes = pyemb_call(s, "read_config", "()");
+    if (bytes && PyObject_GetBuffer(bytes, &buf, PyBUF_SIMPLE) == 0) {
+        memcpy(config, buf.buf, MIN((size_t)buf.len, s->config_size));
+        PyBuffer_Release(&buf);
+    } else if (bytes) {
+        pyemb_report_exception(pyemb_name(s), "reading config space");
+    }
+    Py_XDECREF(bytes);
+    pyemb_gil_release(gil);
+}
+
+static void pyemb_set_config(VirtIODevice *vdev, const uint8_t *config)
+{
+    VirtIOPyemb *s = VIRTIO_PYEMB(vdev);
+    bool gil;
+
+    if (!s->model || !pyemb_python_running()) {
+        return;
+    }
+    gil = pyemb_gil_acquire();
+    Py_XDECREF(pyemb_call(s, "write_config", "(y#)", (const char *)config,
+                          (Py_ssize_t)s->config_size));
+    pyemb_gil_release(gil);
+}
+
+static uint64_t pyemb_get_features(VirtIODevice *vdev, uint64_t features,
+                                   Error **errp)
+{
+    VirtIOPyemb *s = VIRTIO_PYEMB(vdev);
+
+    virtio_add_feature(&features, VIRTIO_F_VERSION_1);
+    return features | s->model_features;
+}
+
+static void pyemb_set_features(VirtIODevice *vdev, uint64_t features)
+{
+    VirtIOPyemb *s = VIRTIO_PYEMB(vdev);
+    bool gil;
+
+    if (!s->model || !pyemb_python_running()) {
+        return;
+    }
+    gil = pyemb_gil_acquire();
+    Py_XDECREF(pyemb_call(s, "set_features", "(K)",
+                          (unsigned long long)features));
+    pyemb_gil_release(gil);
+}
+
+static void pyemb_set_status(VirtIODevice *vdev, uint8_t status)
+{
+    VirtIOPyemb *s = VIRTIO_PYEMB(vdev);
+    bool gil;
+
+    if (!s->model || !pyemb_python_running()) {
+        return;
+    }
+    gil = pyemb_gil_acquire();
+    Py_XDECREF(pyemb_call(s, "set_status", "(i)", status));
+    pyemb_gil_release(gil);
+}
+
+/* Drop all of the device's Python-side state: requests, mappings. */
+static unsigned pyemb_drop_guest_state(VirtIOPyemb *s)
+{
+    unsigned cancelled = pyemb_cancel_requests(s);
+
+    pyemb_release_mappings(s);
+    return cancelled;
+}
+
+static void pyemb_reset(VirtIODevice *vdev)
+{
+    VirtIOPyemb *s = VIRTIO_PYEMB(vdev);
+    unsigned cancelled;
+    bool gil;
+
+    if (!s->model || !pyemb_python_running()) {
+        return;
+    }
+    gil = pyemb_gil_acquire();
+    /* The model first, so that its threads stop completing requests. */
+    Py_XDECREF(pyemb_call(s, "reset", "()"));
+    cancelled = pyemb_drop_guest_state(s);
+    pyemb_gil_release(gil);
+    pyemb_drop_queued_completions(s);
+    trace_pyemb_reset(pyemb_name(s), cancelled);
+}
+
+/* ---- realize / unrealize ---------------------------------------------- */
+
+static bool pyemb_get_uint(VirtIOPyemb *s, PyObject *model, const char *attr,
+                           uint64_t max, uint64_t *out, Error **errp)
+{
+    PyObject *v = PyObject_GetAttrString(model, attr);
+    unsigned long long n;
+
+    if (!v) {
+        g_autofree char *line = pyemb_exception_line();
+        error_setg(errp, "%s: device model has no usable '%s' (%s)",
+                   pyemb_name(s), attr, line);
+        return false;
+    }
+    n = PyLong_AsUnsignedLongLong(v);
+    Py_DECREF(v);
+    if (PyErr_Occurred() || n > max) {
+        PyErr_Clear();
+        error_setg(errp, "%s: device model's '%s' must be an integer "
+                   "from 0 to %" PRIu64, pyemb_name(s), attr, max);
+        return false;
+    }
+    *out = n;
+    return true;
+}
+
+/* Queue sizes from model.queue_sizes: 1..1024 entries, powers of two. */
+static uint16_t *pyemb_get_queue_sizes(VirtIOPyemb *s, PyObject *model,
+                                       unsigned *count, Error **errp)
+{
+    PyObject *seq = NULL, *list = PyObject_GetAttrString(model, "queue_sizes");
+    uint16_t *sizes = NULL;
+    Py_ssize_t n = 0;
+
+    if (list) {
+        seq = PySequence_Fast(list, "queue_sizes must be a sequence");
+    }
+    if (seq) {
+        n = PySequence_Fast_GET_SIZE(seq);
+    }
+    if (!seq || n < 1 || n > VIRTIO_QUEUE_MAX) {
+        PyErr_Clear();
+        error_setg(errp, "%s: device model's queue_sizes must list 1 to %d "
+                   "queue sizes", pyemb_name(s), VIRTIO_QUEUE_MAX);
+        goto out;
+    }
+    sizes = g_new(uint16_t, n);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long v = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+        if (PyErr_Occurred() || v < 1 || v > VIRTQUEUE_MAX_SIZE ||
+            !is_power_of_2(v)) {
+            PyErr_Clear();
+            error_setg(errp, "%s: queue %zd size must be a power of two "
+                       "from 1 to %d", pyemb_name(s), i, VIRTQUEUE_MAX_SIZE);
+            g_clear_pointer(&sizes, g_free);
+            goto out;
+        }
+        sizes[i] = v;
+    }
+    *count = n;
+out:
+    Py_XDECREF(seq);
+    Py_XDECREF(list);
+    return sizes;
+}
+
+/* Build the Python device model and read the device's shape from it. */
+static bool pyemb_create_model(VirtIOPyemb *s, uint16_t **queue_sizes,
+                               Error **errp)
+{
+    VirtIOPyembClass *k = VIRTIO_PYEMB_GET_CLASS(s);
+    PyObject *host;
+    uint64_t device_id, config_size, features;
+
+    host = PyImport_ImportModule("pyemb.host");
+    if (host) {
+        s->handle = pyemb_device_handle_new(s);
+    }
+    if (s->handle) {
+        s->model = PyObject_CallMethod(host, "create_device", "szzzO",
+                                       k->kind, s->role, s->backend,
+                                       s->config, s->handle);
+    }
+    Py_XDECREF(host);
+    if (!s->model) {
+        g_autofree char *line = pyemb_exception_line();
+        error_setg(errp, "%s: %s", pyemb_name(s), line);
+        return false;
+    }
+    if (!pyemb_get_uint(s, s->model, "device_id", UINT16_MAX, &device_id,
+                        errp) ||
+        !pyemb_get_uint(s, s->model, "config_size", PYEMB_MAX_CONFIG_SIZE,
+                        &config_size, errp) ||
+        !pyemb_get_uint(s, s->model, "features",
+                        (1ULL << PYEMB_DEVICE_FEATURE_BITS) - 1, &features,
+                        errp)) {
+        return false;
+    }
+    *queue_sizes = pyemb_get_queue_sizes(s, s->model, &s->num_queues, errp);
+    if (!*queue_sizes) {
+        return false;
+    }
+    s->dispatch = PyObject_GetAttrString(s->model, "handle_request");
+    if (!s->dispatch) {
+        g_autofree char *line = pyemb_exception_line();
+        error_setg(errp, "%s: device model has no handle_request (%s)",
+                   pyemb_name(s), line);
+        return false;
+    }
+    s->device_id = device_id;
+    s->config_size = config_size;
+    s->model_features = features;
+    return true;
+}
+
+static void pyemb_drop_model(VirtIOPyemb *s)
+{
+    pyemb_device_handle_detach(s->handle);
+    Py_CLEAR(s->dispatch);
+    Py_CLEAR(s->model);
+    Py_CLEAR(s->handle);
+}
+
+static void pyemb_realize(DeviceState *dev, Error **errp)
+{
+    VirtIODevice *vdev = VIRTIO_DEVICE(dev);
+    VirtIOPyemb *s = VIRTIO_PYEMB(dev);
+    g_autofree uint16_t *queue_sizes = NULL;
+    bool gil, ok;
+
+    if (!pyemb_python_start(errp)) {
+        return;
+    }
+    QTAILQ_INIT(&s->live_requests);
+    QTAILQ_INIT(&s->mappings);
+    gil = pyemb_gil_acquire();
+    ok = pyemb_create_model(s, &queue_sizes, errp);
+    if (!ok) {
+        pyemb_drop_model(s);
+    }
+    pyemb_gil_release(gil);
+    if (!ok) {
+        return;
+    }
+
+    qemu_mutex_init(&s->done_lock);
+    QSIMPLEQ_INIT(&s->done);
+    s->completion_bh = virtio_bh_new_guarded(dev, pyemb_completion_bh, s);
+    virtio_init(vdev, s->device_id, s->config_size);
+    s->vqs = g_new(VirtQueue *, s->num_queues);
+    for (unsigned i = 0; i < s->num_queues; i++) {
+        s->vqs[i] = virtio_add_queue(vdev, queue_sizes[i],
+                                     pyemb_handle_output);
+    }
+    pyemb_register_device(s);
+    trace_pyemb_realize(pyemb_name(s), s->device_id, s->num_queues,
+                        s->config_size);
+}
+
+static void pyemb_unrealize(DeviceState *dev)
+{
+    VirtIODevice *vdev = VIRTIO_DEVICE(dev);
+    VirtIOPyemb *s = VIRTIO_PYEMB(dev);
+    bool gil;
+
+    if (pyemb_python_running()) {
+        gil = pyemb_gil_acquire();
+        Py_XDECREF(pyemb_call(s, "close", "()"));
+        pyemb_drop_guest_state(s);
+        pyemb_drop_model(s);
+        pyemb_gil_release(gil);
+    }
+    pyemb_drop_queued_completions(s);
+    qemu_bh_delete(s->completion_bh);
+    for (unsigned i = 0; i < s->num_queues; i++) {
+        virtio_delete_queue(s->vqs[i]);
+    }
+    g_free(s->vqs);
+    virtio_cleanup(vdev);
+    qemu_mutex_destroy(&s->done_lock);
+    pyemb_unregister_device(s);
+}
+
+/* The state lives in Python and in host audio/video engines. */
+static const VMStateDescription vmstate_pyemb = {
+    .name = "virtio-pyemb",
+    .unmigratable = 1,
+};
+
+static void pyemb_class_init(ObjectClass *klass, void *data)
+{
+    DeviceClass *dc = DEVICE_CLASS(klass);
+    VirtioDeviceClass *vdc = VIRTIO_DEVICE_CLASS(klass);
+
+    dc->vmsd = &vmstate_pyemb;
+    vdc->realize = pyemb_realize;
+    vdc->unrealize = pyemb_unrealize;
+    vdc->get_config = pyemb_get_config;
+    vdc->set_config = pyemb_set_config;
+    vdc->get_features = pyemb_get_features;
+    vdc->set_features = pyemb_set_features;
+    vdc->set_status = pyemb_set_status;
+    vdc->reset = pyemb_reset;
+}
+
+static const Property pyemb_snd_properties[] = {
+    DEFINE_PROP_STRING("backend", VirtIOPyemb, backend),
+    DEFINE_PROP_STRING("config", VirtIOPyemb, config),
+};
+
+static const Property pyemb_video_properties[] = {
+    DEFINE_PROP_STRING("backend", VirtIOPyemb, backend),
+    DEFINE_PROP_STRING("config", VirtIOPyemb, config),
+    DEFINE_PROP_STRING("role", VirtIOPyemb, role),
+};
+
+static void pyemb_snd_class_init(ObjectClass *klass, void *data)
+{
+    DeviceClass *dc = DEVICE_CLASS(klass);
+    VirtIOPyembClass *k = VIRTIO_PYEMB_CLASS(klass);
+
+    k->kind = "snd";
+    dc->desc = "pyemb virtio sound device (Python device model)";
+    device_class_set_props(dc, pyemb_snd_properties);
+    set_bit(DEVICE_CATEGORY_SOUND, dc->categories);
+}
+
+static void pyemb_video_class_init(ObjectClass *klass, void *data)
+{
+    DeviceClass *dc = DEVICE_CLASS(klass);
+    VirtIOPyembClass *k = VIRTIO_PYEMB_CLASS(klass);
+
+    k->kind = "video";
+    dc->desc = "pyemb virtio video decoder/encoder (Python device model)";
+    device_class_set_props(dc, pyemb_video_properties);
+    set_bit(DEVICE_CATEGORY_MISC, dc->categories);
+}
+
+static const TypeInfo pyemb_types[] = {
+    {
+        .name = TYPE_VIRTIO_PYEMB,
+        .parent = TYPE_VIRTIO_DEVICE,
+        .instance_size = sizeof(VirtIOPyemb),
+        .class_size = sizeof(VirtIOPyembClass),
+        .class_init = pyemb_class_init,
+        .abstract = true,
+    }, {
+        .name = TYPE_VIRTIO_SND_PY,
+        .parent = TYPE_VIRTIO_PYEMB,
+        .class_init = pyemb_snd_class_init,
+    }, {
+        .name = TYPE_VIRTIO_VIDEO_PY,
+        .parent = TYPE_VIRTIO_PYEMB,
+        .class_init = pyemb_video_class_init,
+    },
+};
+
+DEFINE_TYPES(pyemb_types)

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Builds the patched QEMU (qemu-system-x86_64 and qemu-system-aarch64).
+#
+# Source: Debian trixie's QEMU 10.0.x source package, unpacked with
+# dpkg-source so Debian's patches apply, then qemu-patches/ on top, then
+# c-shim/ copied to hw/pyemb/. The build lives in the cache
+# ($PYEMB_CACHE, default ~/.cache/pyemb), one tree per source version and
+# patch-series hash; a stamp holding the hash of c-shim/ makes an unchanged
+# tree finish in about a second, and a changed c-shim/ file is copied alone
+# so that ninja recompiles only what depends on it.
+#
+# Afterwards build/qemu in the repository points at the build directory, and
+# build/qemu/pyemb.conf names the virtual environment the shim must use.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cache=${PYEMB_CACHE:-$HOME/.cache/pyemb}
+venv=${PYEMB_VENV:-$repo/.venv}
+targets=x86_64-softmmu,aarch64-softmmu
+binaries=(qemu-system-x86_64 qemu-system-aarch64)
+
+log() { echo "build-qemu: $*"; }
+
+# 1. The source package, downloaded once.
+mkdir -p "$cache/src"
+find_dsc() { ls "$cache"/src/qemu_10.0.*.dsc 2>/dev/null | sort -V | tail -n 1; }
+dsc=$(find_dsc)
+if [ -z "$dsc" ]; then
+    log "downloading Debian trixie's qemu source package"
+    (cd "$cache/src" && apt-get source --download-only -q qemu >/dev/null)
+    dsc=$(find_dsc)
+    [ -n "$dsc" ] || { echo "build-qemu: no QEMU 10.0.x source package found (is the trixie deb-src entry there? run ci/setup-host.sh)" >&2; exit 1; }
+fi
+version=$(basename "$dsc" .dsc); version=${version#qemu_}
+
+# 2. Unpacked and patched source tree, keyed by version and patch series.
+patch_hash=$( (cat "$repo/qemu-patches/series"; for p in $(grep -v '^#' "$repo/qemu-patches/series"); do cat "$repo/qemu-patches/$p"; done) | sha256sum | cut -c1-12)
+work=$cache/qemu-$version-$patch_hash
+src=$work/src
+build=$work/build
+if [ ! -f "$src/.pyemb-patched" ]; then
+    log "unpacking $version and applying qemu-patches/"
+    rm -rf "$src" "$build"
+    mkdir -p "$work"
+    dpkg-source --no-check -x "$dsc" "$src" >/dev/null
+    for p in $(grep -v '^#' "$repo/qemu-patches/series"); do
+        patch -s -p1 -d "$src" < "$repo/qemu-patches/$p"
+    done
+    touch "$src/.pyemb-patched"
+fi
+
+# 3. c-shim/ into hw/pyemb/, copying only what changed.
+mkdir -p "$src/hw/pyemb"
+for f in "$repo"/c-shim/*; do
+    dst=$src/hw/pyemb/$(basename "$f")
+    cmp -s "$f" "$dst" || cp "$f" "$dst"
+done
+for f in "$src"/hw/pyemb/*; do
+    [ -e "$repo/c-shim/$(basename "$f")" ] || rm -f "$f"
+done
+
+configure_flags=(
+    --target-list=$targets
+    --python="$cache/tools-venv/bin/python3"
+    --disable-docs --disable-tools --disable-guest-agent --disable-werror
+    --disable-install-blobs
+    --enable-fdt=system --enable-trace-backends=log
+)
+shim_hash=$( (printf '%s\n' "${configure_flags[@]}"; cat "$repo"/c-shim/*) | sha256sum | cut -c1-16)
+up_to_date=1
+for b in "${binaries[@]}"; do [ -x "$build/$b" ] || up_to_date=0; done
+[ "$(cat "$build/.pyemb-stamp" 2>/dev/null)" = "$shim_hash" ] || up_to_date=0
+
+if [ "$up_to_date" = 1 ]; then
+    log "up to date ($build)"
+else
+    if [ ! -f "$build/build.ninja" ] || [ "$(cat "$build/.pyemb-configured" 2>/dev/null)" != "${configure_flags[*]}" ]; then
+        log "configuring"
+        rm -rf "$build"
+        mkdir -p "$build"
+        (cd "$build" && "$src/configure" "${configure_flags[@]}" > configure.log 2>&1) || {
+            tail -n 40 "$build/configure.log" >&2; exit 1; }
+        echo "${configure_flags[*]}" > "$build/.pyemb-configured"
+    fi
+    log "building ${binaries[*]} (a cold build takes about 8 minutes on 2 cores)"
+    ninja -C "$build" "${binaries[@]}" > "$build/ninja.log" 2>&1 || {
+        grep -B2 -A12 -m 5 'error' "$build/ninja.log" >&2 || tail -n 60 "$build/ninja.log" >&2; exit 1; }
+    echo "$shim_hash" > "$build/.pyemb-stamp"
+fi
+
+# 4. Firmware: Debian's source package has no binary blobs; SeaBIOS comes
+#    from Debian's seabios package and is found through build/pc-bios.
+for f in /usr/share/seabios/*.bin; do
+    ln -sfn "$f" "$build/pc-bios/$(basename "$f")"
+done
+
+# 5. Tell the shim which Python environment to embed, and give the
+#    repository a stable path to the binaries.
+printf 'venv=%s\n' "$venv" > "$build/pyemb.conf"
+mkdir -p "$repo/build"
+ln -sfn "$build" "$repo/build/qemu"
+log "binaries in $repo/build/qemu/"

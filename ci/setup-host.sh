@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Installs every Debian package pyemb needs to build QEMU and run its tests, and
+# adds the Debian trixie deb-src entry that the QEMU 10.0.x source comes from.
+# Idempotent: a second run with everything present takes about a second.
+set -euo pipefail
+
+packages=(
+    build-essential ninja-build pkg-config dpkg-dev xz-utils
+    libglib2.0-dev libpixman-1-dev zlib1g-dev libfdt-dev flex bison
+    python3.11 python3.11-dev python3.11-venv libpython3.11-dev
+    seabios
+)
+
+sudo_cmd=()
+[ "$(id -u)" = 0 ] || sudo_cmd=(sudo)
+
+trixie_src=/etc/apt/sources.list.d/pyemb-trixie-src.sources
+need_update=0
+if [ ! -f "$trixie_src" ]; then
+    "${sudo_cmd[@]}" tee "$trixie_src" >/dev/null <<'SRC'
+# Added by pyemb's ci/setup-host.sh: QEMU 10.0.x source package (deb-src only,
+# no binary package is ever installed from trixie).
+Types: deb-src
+URIs: http://deb.debian.org/debian
+Suites: trixie trixie-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb-src
+URIs: http://deb.debian.org/debian-security
+Suites: trixie-security
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+    need_update=1
+fi
+
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    need_update=1
+fi
+# apt-cache showsrc needs the source lists once.
+if ! ls /var/lib/apt/lists/*trixie*Sources* >/dev/null 2>&1; then
+    need_update=1
+fi
+if [ "$need_update" = 1 ]; then
+    "${sudo_cmd[@]}" apt-get update -q
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup-host: installing ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi

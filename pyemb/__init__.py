@@ -1,0 +1,1 @@
+"""pyemb: QEMU virtio devices whose behaviour is written in Python."""
