@@ -88,9 +88,24 @@ else
 fi
 
 # 4. Firmware: Debian's source package has no binary blobs; SeaBIOS comes
-#    from Debian's seabios package and is found through build/pc-bios.
+#    from Debian's seabios package, linked into the data directory that an
+#    uninstalled QEMU searches (qemu-bundle/<prefix>/share/qemu).
+datadir=$build/qemu-bundle/usr/local/share/qemu
+mkdir -p "$datadir"
 for f in /usr/share/seabios/*.bin; do
-    ln -sfn "$f" "$build/pc-bios/$(basename "$f")"
+    ln -sfn "$f" "$datadir/$(basename "$f")"
+done
+# The x86 option ROMs (kvmvapic.bin, linuxboot_dma.bin, ...) come from
+# Debian's qemu-system-data, unpacked into the cache with dpkg -x.
+roms=$cache/qemu-system-data
+if [ ! -f "$roms/.unpacked" ]; then
+    rm -rf "$roms" && mkdir -p "$roms"
+    (cd "$roms" && apt-get download -q qemu-system-data/bookworm-backports >/dev/null)
+    dpkg -x "$roms"/qemu-system-data_*.deb "$roms/root"
+    touch "$roms/.unpacked"
+fi
+for f in kvmvapic.bin linuxboot.bin linuxboot_dma.bin multiboot.bin multiboot_dma.bin pvh.bin; do
+    [ -e "$roms/root/usr/share/qemu/$f" ] && ln -sfn "$roms/root/usr/share/qemu/$f" "$datadir/$f"
 done
 
 # 5. Tell the shim which Python environment to embed, and give the

@@ -35,6 +35,21 @@ SRC
     need_update=1
 fi
 
+# bookworm-backports: qemu-system-data's option ROMs (and, for guests, the
+# 6.12 kernel).  Nothing is installed from it unless asked by name.
+backports=/etc/apt/sources.list.d/pyemb-bookworm-backports.sources
+if [ ! -f "$backports" ]; then
+    "${sudo_cmd[@]}" tee "$backports" >/dev/null <<'SRC'
+# Added by pyemb's ci/setup-host.sh.
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+    need_update=1
+fi
+
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -43,7 +58,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     need_update=1
 fi
 # apt-cache showsrc needs the source lists once.
-if ! ls /var/lib/apt/lists/*trixie*Sources* >/dev/null 2>&1; then
+if ! ls /var/lib/apt/lists/*trixie*Sources* /var/lib/apt/lists/*bookworm-backports*Packages* >/dev/null 2>&1; then
     need_update=1
 fi
 if [ "$need_update" = 1 ]; then

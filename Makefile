@@ -1,0 +1,31 @@
+# pyemb: `make demo` and `make test` work on a fresh Debian bookworm machine;
+# each installs what is missing (ci/setup-host.sh, ci/setup-venv.sh) and
+# builds the patched QEMU (ci/build-qemu.sh, cached) first.
+VENV ?= $(CURDIR)/.venv
+export PYEMB_VENV := $(VENV)
+PYTHON := $(VENV)/bin/python
+
+.PHONY: setup build test demo lint bench clean
+
+setup:
+	bash ci/setup-host.sh
+	bash ci/setup-venv.sh
+
+build: setup
+	bash ci/build-qemu.sh
+
+test: build
+	$(PYTHON) -m ruff check pyemb tests bench
+	$(PYTHON) -m pytest -q tests
+
+demo: build
+	$(PYTHON) -m pyemb.demo
+
+lint:
+	$(PYTHON) -m ruff check pyemb tests bench
+
+bench: build
+	$(PYTHON) bench/control_roundtrip.py
+
+clean:
+	rm -rf build .venv

@@ -1,0 +1,186 @@
+"""The device-model side of the C shim: what QEMU calls, and helpers.
+
+QEMU builds one :class:`DeviceModel` per ``-device`` (see
+:func:`pyemb.host.create_device`) and reads its shape once at realize:
+``device_id``, ``queue_sizes``, ``features`` (device-specific bits 0..23) and
+``config_size``.  Afterwards it calls, always with the GIL held:
+
+- ``handle_request(queue, request)`` for every element a guest makes
+  available, from QEMU's main loop (or a vCPU thread);
+- ``read_config()`` / ``write_config(data)`` for config-space accesses;
+- ``set_features(features)`` and ``set_status(status)`` during the handshake;
+- ``reset()`` when the driver resets the device: every request still held is
+  dropped by QEMU right after, so the model must forget them;
+- ``close()`` at unplug and at QEMU exit.
+
+A request is completed with ``request.complete(written)``, at once or later
+from any thread.  Its memoryviews point straight into guest RAM and are dead
+(``ValueError``) after completion, so copy what must outlive it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+from pyemb import log
+
+
+class Request(Protocol):
+    """One virtqueue element (``_pyemb.Request`` inside QEMU)."""
+
+    queue: int
+    readable: tuple[memoryview, ...]
+    writable: tuple[memoryview, ...]
+    readable_size: int
+    writable_size: int
+    done: bool
+    cancelled: bool
+
+    def complete(self, written: int = 0) -> bool: ...
+
+
+class GuestMapping(Protocol):
+    """Guest RAM mapped for longer than one request (``_pyemb.GuestMapping``)."""
+
+    address: int
+    length: int
+    writable: bool
+    view: memoryview
+
+    def release(self) -> None: ...
+
+
+class DeviceHandle(Protocol):
+    """What a model may ask of its QEMU device (``_pyemb.Device``)."""
+
+    name: str
+    live: bool
+    pending_requests: int
+
+    def map_guest(self, address: int, length: int, writable: bool = True) -> GuestMapping: ...
+
+    def notify_config(self) -> None: ...
+
+
+class ProtocolError(Exception):
+    """A request the protocol rejects: answered with ``status``, no traceback."""
+
+    def __init__(self, status: int, message: str = "") -> None:
+        super().__init__(message or f"status 0x{status:x}")
+        self.status = status
+
+
+def read_all(request: Request) -> bytes:
+    """The device-readable part of a request as one byte string (a copy)."""
+    views = request.readable
+    if len(views) == 1:
+        return bytes(views[0])
+    return b"".join(views)
+
+
+def write_all(request: Request, data: bytes | memoryview) -> int:
+    """Scatter ``data`` over the writable views; returns the bytes written.
+
+    Data beyond the writable size is cut off (the caller decides whether a
+    short buffer is an error).
+    """
+    src = memoryview(data).cast("B")
+    done = 0
+    for view in request.writable:
+        if done >= len(src):
+            break
+        n = min(len(view), len(src) - done)
+        view[:n] = src[done:done + n]
+        done += n
+    return done
+
+
+class DeviceModel:
+    """Base of every pyemb device model.
+
+    Subclasses set the shape attributes and implement one handler per queue
+    in :meth:`queue_handlers`.  An exception escaping a handler is logged once
+    with its traceback and the request is completed by :meth:`fail_request`
+    (by default empty), so the device keeps serving.
+    """
+
+    device_id: int = 0
+    queue_sizes: tuple[int, ...] = ()
+    features: int = 0
+    config_size: int = 0
+
+    def __init__(self, handle: DeviceHandle, config: Mapping[str, Any]) -> None:
+        self.handle = handle
+        self.config = config
+        self.driver_features = 0
+        self.status = 0
+        self._handlers: list[Callable[[Request], None]] = self.queue_handlers()
+        if len(self._handlers) != len(self.queue_sizes):
+            raise TypeError("queue_handlers() must give one handler per queue")
+
+    # -- shape and handshake ------------------------------------------------
+    def queue_handlers(self) -> list[Callable[[Request], None]]:
+        """One callable per virtqueue, in queue order."""
+        raise NotImplementedError
+
+    def read_config(self) -> bytes:
+        return bytes(self.config_size)
+
+    def write_config(self, data: bytes) -> None:
+        """Config space is read-only unless a model says otherwise."""
+
+    def set_features(self, features: int) -> None:
+        self.driver_features = features
+
+    def set_status(self, status: int) -> None:
+        self.status = status
+
+    def reset(self) -> None:
+        """Forget every request and stream; QEMU drops held requests next."""
+        self.driver_features = 0
+        self.status = 0
+
+    def close(self) -> None:
+        """Release host resources (threads, audio devices, decoders)."""
+        self.reset()
+
+    # -- requests -------------------------------------------------------------
+    def handle_request(self, queue: int, request: Request) -> None:
+        try:
+            self._handlers[queue](request)
+        except Exception as e:  # noqa: BLE001 - a model bug must not stall the queue
+            self.report(e, f"handling a request on queue {queue}")
+            if not request.done:
+                self.fail_request(queue, request)
+
+    def fail_request(self, queue: int, request: Request) -> None:
+        """Complete a request whose handler raised; models write an error status."""
+        request.complete(0)
+
+    def report(self, exc: BaseException, what: str) -> None:
+        log.exception(self.handle.name, what, exc)
+
+    def serve_command(
+        self,
+        request: Request,
+        handle: Callable[[bytes, Request], bytes | None],
+        error_reply: Callable[[int], bytes],
+        internal_error: int,
+    ) -> None:
+        """Run a control command: ``handle(command, request) -> response``.
+
+        A :class:`ProtocolError` becomes ``error_reply(status)``; any other
+        exception is logged and becomes ``error_reply(internal_error)``.  A
+        handler that returns None has taken the request to complete later.
+        """
+        command = read_all(request)
+        try:
+            response = handle(command, request)
+        except ProtocolError as e:
+            response = error_reply(e.status)
+        except Exception as e:  # noqa: BLE001
+            self.report(e, "handling a control request")
+            response = error_reply(internal_error)
+        if response is not None:
+            request.complete(write_all(request, response))

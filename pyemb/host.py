@@ -1,0 +1,92 @@
+"""Entry points that the C shim calls inside QEMU.
+
+- :func:`check_environment` once, right after the interpreter starts;
+- :func:`create_device` at every pyemb device's realize;
+- :func:`shutdown` at QEMU exit, before the interpreter is finalized.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+from pyemb.config import ConfigError, import_class, load_config
+from pyemb.device import DeviceHandle, DeviceModel
+
+# A busy Python thread makes every other thread (QEMU's main loop included)
+# wait up to the switch interval for the GIL; 5 ms is far too long for
+# audio periods and synchronous virtio replies.
+SWITCH_INTERVAL_S = 0.0005
+
+
+def check_environment(venv: str) -> None:
+    """Fail unless the embedded interpreter runs from the project's venv."""
+    if os.path.realpath(sys.prefix) != os.path.realpath(venv):
+        raise RuntimeError(
+            f"the embedded Python runs from {sys.prefix}, not from the venv {venv}"
+        )
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+
+
+def _model_classes() -> dict[str, type[DeviceModel]]:
+    from pyemb.snd.device import SoundDevice
+    from pyemb.video.device import VideoDevice
+
+    return {"snd": SoundDevice, "video": VideoDevice}
+
+
+def create_device(
+    kind: str,
+    role: str | None,
+    backend: str | None,
+    config_path: str | None,
+    handle: DeviceHandle,
+) -> DeviceModel:
+    """Build the device model for one ``-device``.
+
+    ``backend=module:Class`` names either an engine for the bundled model of
+    this device (an audio or video backend), or a whole
+    :class:`~pyemb.device.DeviceModel` subclass that replaces the bundled one.
+    Raises :class:`ConfigError` with a one-line message on any problem.
+    """
+    config = load_config(config_path)
+    model_class = _model_classes()[kind]
+    spec = backend or config.get("backend")
+    if spec is not None and not isinstance(spec, str):
+        raise ConfigError("config: backend must be a string module:Class")
+    backend_class = import_class(spec) if spec else None
+    kwargs: dict[str, Any] = {}
+    if role is not None:
+        kwargs["role"] = role
+    try:
+        if backend_class is not None and issubclass(backend_class, DeviceModel):
+            return backend_class(handle, config, **kwargs)
+        return model_class(handle, config, backend_class=backend_class, **kwargs)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - report any constructor failure as config
+        what = spec or model_class.__name__
+        raise ConfigError(f"cannot create {what}: {type(e).__name__}: {e}") from e
+
+
+def shutdown(timeout: float) -> bool:
+    """Join the threads backends left running; True if none is left.
+
+    Daemon threads do not stop the interpreter from finalizing; a non-daemon
+    thread still alive after ``timeout`` seconds makes QEMU skip finalization
+    rather than hang at exit.
+    """
+    deadline = time.monotonic() + timeout
+    me = threading.current_thread()
+    for thread in threading.enumerate():
+        if thread is me or thread.daemon or isinstance(thread, threading._DummyThread):
+            continue
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return not any(
+        t.is_alive() and not t.daemon and t is not me
+        and not isinstance(t, threading._DummyThread)
+        for t in threading.enumerate()
+    )

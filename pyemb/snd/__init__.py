@@ -1,0 +1,1 @@
+"""virtio-snd: the VIRTIO sound device (device ID 25)."""

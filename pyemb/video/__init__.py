@@ -1,0 +1,1 @@
+"""virtio-video: the ChromeOS/crosvm dialect (device IDs 30 and 31)."""
