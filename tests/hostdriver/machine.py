@@ -41,7 +41,7 @@ class Machine:
     """One QEMU process; a context manager."""
 
     def __init__(self, arch: str, args: list[str], mem_mb: int = 128,
-                 env: dict[str, str] | None = None, cwd: str | None = None) -> None:
+                 env: dict[str, str | None] | None = None, cwd: str | None = None) -> None:
         self.arch = arch
         self.binary, self.machine_type, self.ram_base, bar_base = ARCHES[arch]
         self.args, self.mem_mb, self.env, self.cwd = args, mem_mb, env, cwd
@@ -86,7 +86,12 @@ class Machine:
                        f"mem-path={self.ram_path},share=on",
             *self.args,
         ]
-        env = dict(os.environ, **(self.env or {}))
+        env = dict(os.environ)
+        for key, value in (self.env or {}).items():     # None removes a variable
+            if value is None:
+                env.pop(key, None)
+            else:
+                env[key] = value
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=err,
                                          stderr=err, env=env, cwd=self.cwd)

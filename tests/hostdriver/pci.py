@@ -117,6 +117,7 @@ class PciTransport:
                 self._setup_msix(cap, bars, msix_area)
         self.common = self.regions[COMMON_CFG]
         self.notify_offsets: dict[int, int] = {}
+        self.queue_vectors: dict[int, int] = {}
 
     def _setup_msix(self, cap: int, bars: dict[int, int], area: int) -> None:
         """Point every vector at a 4-byte word of guest RAM: an interrupt is
@@ -172,9 +173,13 @@ class PciTransport:
         for off, addr in ((Q_DESC, desc), (Q_AVAIL, avail), (Q_USED, used)):
             self.qt.write(c + off, 4, addr & 0xFFFFFFFF)
             self.qt.write(c + off + 4, 4, addr >> 32)
-        self.qt.write(c + Q_MSIX, 2, index + 1)
-        if self.qt.read(c + Q_MSIX, 2) != index + 1:
-            raise RuntimeError(f"queue {index}: MSI-X vector refused")
+        # One vector per queue where the device has enough (vector 0 is for
+        # config changes); otherwise the last vector is shared.
+        vector = min(index + 1, self.msix_vectors - 1)
+        self.qt.write(c + Q_MSIX, 2, vector)
+        if self.qt.read(c + Q_MSIX, 2) != vector:
+            raise RuntimeError(f"queue {index}: MSI-X vector {vector} refused")
+        self.queue_vectors[index] = vector
         self.notify_offsets[index] = self.qt.read(c + Q_NOFF, 2)
         self.qt.write(c + Q_ENABLE, 2, 1)
 
@@ -193,7 +198,7 @@ class PciTransport:
 
     def take_interrupt(self, index: int | None) -> bool:
         """Consume an interrupt of queue ``index`` (None: config change)."""
-        word = self.msix_words + 4 * (0 if index is None else index + 1)
+        word = self.msix_words + 4 * (0 if index is None else self.queue_vectors[index])
         if self.mem.u32(word):
             self.mem.pack("<I", word, 0)
             return True

@@ -1,0 +1,119 @@
+"""Device models and backends used by the tests to probe the C shim.
+
+They are selected like any user backend, with ``backend=tests.models:...``;
+the embedded interpreter finds them through the PYTHONPATH that
+tests/conftest.py gives QEMU.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from pyemb.device import DeviceModel, Request, read_all, write_all
+from pyemb.video.protocol import QueueType
+from pyemb.video_backend import PyAVBackend
+
+
+class ProbeDevice(DeviceModel):
+    """A sound-ID device whose queue 0 takes text commands; queue 1 holds
+    every request until a reset drops them."""
+
+    device_id = 25
+    queue_sizes = (64, 64)
+    config_size = 8
+
+    def __init__(self, handle, config, **kwargs) -> None:
+        self.kept: list[memoryview] = []
+        self.held: list[Request] = []
+        self.resets = 0
+        super().__init__(handle, config)
+
+    def queue_handlers(self) -> list[Callable[[Request], None]]:
+        return [self.on_command, self.held.append]
+
+    def read_config(self) -> bytes:
+        return b"probe\0\0\0"
+
+    def reset(self) -> None:
+        super().reset()
+        self.resets += 1
+        self.held.clear()
+
+    def reply(self, request: Request, text: str) -> None:
+        request.complete(write_all(request, text.encode()))
+
+    def on_command(self, request: Request) -> None:
+        words = read_all(request).decode().split()
+        op, args = words[0], words[1:]
+        if op == "echo":
+            self.reply(request, " ".join(args))
+        elif op == "raise":
+            raise RuntimeError("probe asked to raise")
+        elif op == "keep":
+            # Keep the views of this very request, then complete it.
+            self.kept = [request.readable[0], request.writable[0]]
+            self.reply(request, "kept")
+        elif op == "check-kept":
+            self.reply(request, " ".join(self._probe(v) for v in self.kept))
+        elif op == "map":
+            self.reply(request, self._map(int(args[0], 0), int(args[1], 0)))
+        elif op == "later":
+            # Complete from a Python thread: the bottom-half path.
+            delay = float(args[0])
+            threading.Thread(target=self._later, args=(request, delay), daemon=True).start()
+        elif op == "status":
+            self.reply(request, f"pending={self.handle.pending_requests} "
+                                f"held={len(self.held)} resets={self.resets}")
+        elif op == "complete-held":
+            results = [str(r.complete(0)) for r in list(self.held)]
+            self.held.clear()
+            self.reply(request, " ".join(results) or "none")
+        elif op == "stash-held":
+            self.stash = list(self.held)
+            self.reply(request, str(len(self.stash)))
+        elif op == "complete-stash":
+            self.reply(request, " ".join(str(r.complete(0)) for r in self.stash))
+        else:
+            self.reply(request, f"unknown {op}")
+
+    def _later(self, request: Request, delay: float) -> None:
+        time.sleep(delay)
+        request.complete(write_all(request, b"later"))
+
+    @staticmethod
+    def _probe(view: memoryview) -> str:
+        try:
+            view[0]
+        except ValueError:
+            return "dead"
+        return "alive"
+
+    def _map(self, address: int, length: int) -> str:
+        try:
+            mapping = self.handle.map_guest(address, length, writable=True)
+        except ValueError as e:
+            return f"refused {e}"
+        with mapping:
+            data = bytes(mapping.view[:8])
+            mapping.view[:4] = b"PYEM"
+            view = mapping.view
+        return f"ok {data.hex()} after-release={self._probe(view)}"
+
+
+class FlakyVideoBackend(PyAVBackend):
+    """Raises on its first capability query, then works."""
+
+    calls = 0
+
+    def capabilities(self, queue_type: QueueType):
+        FlakyVideoBackend.calls += 1
+        if FlakyVideoBackend.calls == 1:
+            raise RuntimeError("flaky backend: first query fails")
+        return super().capabilities(queue_type)
+
+
+class BrokenConstructorBackend(PyAVBackend):
+    def __init__(self, config=None) -> None:
+        raise OSError("no such host device")
