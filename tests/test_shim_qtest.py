@@ -1,0 +1,203 @@
+"""The C shim's contract, probed through tests/models.py:ProbeDevice and the
+bundled models: errors, dead views, guest mappings, threads, reset, unplug,
+start-up checks."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import time
+
+import pytest
+
+from pyemb.video import protocol as video
+from tests.conftest import command, start
+from tests.hostdriver import Machine, QemuExited
+from tests.hostdriver.machine import QEMU_DIR
+
+
+def test_exception_in_model_is_logged_once_and_device_keeps_serving(probe):
+    m, dev = probe
+    used = dev.queues[0].call([b"raise"], [64])
+    assert used.written == 0                    # DeviceModel.fail_request: empty reply
+    assert command(dev, "echo still here") == "still here"
+    err = m.stderr()
+    assert err.count("RuntimeError: probe asked to raise") == 1
+    assert "Traceback (most recent call last)" in err
+    assert m.alive()
+
+
+def test_raising_backend_gets_error_reply_then_next_request_works(transport):
+    m = start(transport, "virtio-video-py", "backend=tests.models:FlakyVideoBackend")
+    try:
+        dev = m.find_virtio(31)
+        dev.initialize(want_features=0b11)
+        cmd = video.QUERY_CAPABILITY.pack(video.Cmd.QUERY_CAPABILITY, 0, video.QueueType.INPUT)
+        first = dev.queues[0].call([cmd], [4096])
+        assert first.written == video.HDR.size
+        assert video.HDR.unpack_from(first.data)[0] == video.Resp.ERR_INVALID_OPERATION
+        second = dev.queues[0].call([cmd], [4096])
+        assert video.HDR.unpack_from(second.data)[0] == video.Resp.OK_QUERY_CAPABILITY
+        assert m.stderr().count("RuntimeError: flaky backend: first query fails") == 1
+    finally:
+        m.stop()
+
+
+def test_views_are_dead_after_completion(probe):
+    _, dev = probe
+    assert command(dev, "keep") == "kept"
+    assert command(dev, "check-kept") == "dead dead"
+
+
+def test_completion_from_a_python_thread_reaches_the_guest(probe):
+    _, dev = probe
+    q = dev.queues[0]
+    q.add([b"later 0.05"], [16])
+    q.kick()
+    assert command(dev, "echo first") == "first"   # the main loop is not blocked
+    used = q.wait()
+    assert used.data == b"later"
+    assert dev.transport.wait_interrupt(0)
+
+
+def test_guest_mapping_reads_guest_ram_and_dies_on_release(probe):
+    m, dev = probe
+    addr = m.alloc.alloc(4096)
+    m.mem.write(addr, b"\x01\x02\x03\x04\x05\x06\x07\x08")
+    assert command(dev, f"map {addr:#x} 4096") == "ok 0102030405060708 after-release=dead"
+    assert m.mem.read(addr, 4) == b"PYEM"       # written through the mapping
+
+
+@pytest.mark.parametrize("where", ["beyond-ram", "mmio", "overflow", "zero-length"])
+def test_guest_mapping_outside_ram_is_refused(probe, where):
+    m, dev = probe
+    ram_end = m.ram_base + (m.mem_mb << 20)
+    address, length = {
+        "beyond-ram": (ram_end - 4096, 8192),           # straddles the end of RAM
+        "mmio": (0xFEE00000 if m.arch == "x86_64" else 0x0A000000, 16),
+        "overflow": (0xFFFFFFFFFFFFF000, 0x2000),
+        "zero-length": (m.ram_base + 0x100000, 0),
+    }[where]
+    reply = command(dev, f"map {address:#x} {length:#x}")
+    assert reply.startswith("refused"), reply
+    assert command(dev, "echo alive") == "alive"
+
+
+def test_chain_outside_guest_ram_is_returned_unused(probe):
+    m, dev = probe
+    q = dev.queues[0]
+    mmio = 0xFEC00000 if m.arch == "x86_64" else 0x09000000   # IOAPIC / PL011
+    reply = m.alloc.alloc(64)
+    q.add_raw([(mmio, 8, False), (reply, 64, True)])
+    q.kick()
+    used = q.wait()
+    assert used.written == 0
+    assert command(dev, "echo fine") == "fine"
+
+
+def test_reset_drops_held_requests_and_model_state(probe):
+    m, dev = probe
+    held = dev.queues[1]
+    for _ in range(3):
+        held.add([b"x"], [8])
+    held.kick()
+    deadline = time.monotonic() + 5
+    while "held=3" not in (status := command(dev, "status")):
+        assert time.monotonic() < deadline, status
+    assert "pending=4" in status                # 3 held + this status request
+    resets = int(status.split("resets=")[1])
+    assert command(dev, "stash-held") == "3"
+    dev.initialize()                            # driver reset, then a new driver
+    assert command(dev, "status") == f"pending=1 held=0 resets={resets + 1}"
+    # The model completing a dropped request is told so, nothing is pushed twice.
+    assert command(dev, "complete-stash") == "False False False"
+    assert held.poll() is None
+
+
+def test_hot_unplug_and_replug():
+    args = ["-device", "virtio-snd-py-pci,id=snd0,backend=tests.models:ProbeDevice,addr=5"]
+    with Machine.x86(args) as m:
+        dev = m.find_virtio(25)
+        dev.initialize()
+        assert command(dev, "echo before") == "before"
+        m.qmp.execute("device_del", id="snd0")
+        m.qtest.outl(0xAE08, 1 << 5)            # PIIX4 ACPI PCI hotplug: eject slot 5
+        m.qmp.wait_event("DEVICE_DELETED")
+        assert not m.virtio_devices()
+        m.qmp.execute("device_add", driver="virtio-snd-py-pci", id="snd1", addr="5",
+                      backend="tests.models:ProbeDevice")
+        dev = m.find_virtio(25)
+        dev.initialize()
+        assert command(dev, "echo after") == "after"
+        assert m.alive()
+
+
+def test_unimportable_backend_stops_qemu_with_one_line():
+    with pytest.raises(QemuExited) as exc:
+        Machine.x86(["-device", "virtio-snd-py-pci,backend=no_such_module:Backend"]).start()
+    assert exc.value.returncode != 0
+    lines = [line for line in exc.value.stderr.splitlines() if "no_such_module" in line]
+    assert len(lines) == 1
+    assert "cannot import backend 'no_such_module:Backend'" in lines[0]
+
+
+@pytest.mark.parametrize("content,message", [
+    ("snd = [", "not valid TOML"),
+    ("[[snd.streams]]\nchannels = [0, 9]\n", "snd.streams[0].channels must be [min, max]"),
+    ("[[snd.streams]]\nrates = [12345]\n", "unsupported rate 12345"),
+])
+def test_bad_config_stops_qemu_with_one_line(tmp_path, content, message):
+    cfg = tmp_path / "snd.toml"
+    cfg.write_text(content)
+    with pytest.raises(QemuExited) as exc:
+        Machine.x86(["-device", f"virtio-snd-py-pci,config={cfg}"]).start()
+    assert exc.value.returncode != 0
+    assert message in exc.value.stderr
+    assert "Traceback" not in exc.value.stderr
+
+
+def test_backend_constructor_failure_is_a_config_error():
+    with pytest.raises(QemuExited) as exc:
+        Machine.x86(["-device",
+                     "virtio-video-py-pci,backend=tests.models:BrokenConstructorBackend"]).start()
+    assert "OSError: no such host device" in exc.value.stderr
+
+
+def test_wrong_venv_is_a_clear_error(tmp_path):
+    fake = tmp_path / "venv"
+    fake.mkdir()
+    (fake / "pyvenv.cfg").write_text("home = /usr/bin\nversion = 3.9.2\n")
+    with pytest.raises(QemuExited) as exc:
+        Machine.x86(["-device", "virtio-snd-py-pci"], env={"PYEMB_VENV": str(fake)}).start()
+    assert "is Python 3.9.2 but this QEMU embeds libpython 3.11" in exc.value.stderr
+
+
+def test_binary_finds_the_venv_from_any_directory_without_environment():
+    env = {"PYEMB_VENV": None, "PYTHONPATH": None, "VIRTUAL_ENV": None}
+    with Machine.x86(["-device", "virtio-snd-py-pci"], env=env, cwd="/") as m:
+        dev = m.find_virtio(25)
+        dev.initialize()
+        query = struct.pack("<IIII", 0x0100, 0, 1, 32)
+        assert dev.queues[0].call([query], [36]).data[:4] == struct.pack("<I", 0x8000)
+
+
+def test_device_help_lists_devices_and_properties():
+    qemu = str(QEMU_DIR / "qemu-system-x86_64")
+    listing = subprocess.run([qemu, "-device", "help"], capture_output=True, text=True,
+                             check=True).stdout
+    for name in ("virtio-snd-py", "virtio-snd-py-pci", "virtio-video-py", "virtio-video-py-pci"):
+        assert f'name "{name}"' in listing
+    props = subprocess.run([qemu, "-device", "virtio-video-py-pci,help"], capture_output=True,
+                           text=True, check=True).stdout
+    for prop in ("backend=<str>", "config=<str>", "role=<str>"):
+        assert prop in props
+
+
+def test_qemu_exits_cleanly_with_requests_held_and_a_thread_running(probe):
+    m, dev = probe
+    dev.queues[1].add([b"x"], [8])
+    dev.queues[1].kick()
+    dev.queues[0].add([b"later 0.3"], [16])
+    dev.queues[0].kick()
+    assert m.stop() == 0
+    assert "error" not in m.exit_stderr.lower(), m.exit_stderr
