@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Any
 
-from pyemb.config import ConfigError, import_class, load_config
+from pyemb.config import ConfigError, import_class, load_config, section
 from pyemb.device import DeviceHandle, DeviceModel
 
 # A busy Python thread makes every other thread (QEMU's main loop included)
@@ -47,16 +47,18 @@ def create_device(
 ) -> DeviceModel:
     """Build the device model for one ``-device``.
 
-    ``backend=module:Class`` names either an engine for the bundled model of
+    ``backend=module:Class`` (or ``class`` in the config's ``[backend]``
+    table, whose other keys are the backend's options) names either an
+    engine for the bundled model of
     this device (an audio or video backend), or a whole
     :class:`~pyemb.device.DeviceModel` subclass that replaces the bundled one.
     Raises :class:`ConfigError` with a one-line message on any problem.
     """
     config = load_config(config_path)
     model_class = _model_classes()[kind]
-    spec = backend or config.get("backend")
+    spec = backend or section(config, "backend").get("class")
     if spec is not None and not isinstance(spec, str):
-        raise ConfigError("config: backend must be a string module:Class")
+        raise ConfigError("config: backend.class must be a string module:Class")
     backend_class = import_class(spec) if spec else None
     kwargs: dict[str, Any] = {}
     if role is not None:

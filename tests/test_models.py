@@ -1,0 +1,206 @@
+"""Pure-Python tier: the device models and config handling, no QEMU."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from pyemb.config import ConfigError, import_class
+from pyemb.device import DeviceModel, write_all
+from pyemb.host import create_device
+from pyemb.snd import protocol as snd
+from pyemb.snd.device import SoundDevice
+from pyemb.video import protocol as video
+from pyemb.video.device import VideoDevice
+from pyemb.video_backend import PyAVBackend
+from tests.fakes import FakeHandle, FakeRequest
+
+
+def control(model: DeviceModel, command: bytes, reply_size: int, queue: int = 0) -> bytes:
+    req = FakeRequest([command], [reply_size], queue)
+    model.handle_request(queue, req)
+    assert req.done
+    return req.reply
+
+
+# -- virtio-snd ----------------------------------------------------------------
+def snd_status(reply: bytes) -> int:
+    return struct.unpack_from("<I", reply)[0]
+
+
+def pcm_info_query(start: int, count: int, size: int = snd.PCM_INFO.size) -> bytes:
+    return snd.QUERY_INFO.pack(snd.Code.PCM_INFO, start, count, size)
+
+
+def test_snd_config_space_counts_streams_from_config():
+    cfg = {"snd": {"streams": [{"direction": "output"}] * 3}}
+    model = SoundDevice(FakeHandle(), cfg)
+    assert snd.CONFIG.unpack(model.read_config()) == (0, 3, 0, 0)
+
+
+def test_snd_pcm_info_encodes_each_stream():
+    cfg = {"snd": {"streams": [
+        {"direction": "output", "channels": [2, 8], "formats": ["S16", "FLOAT"],
+         "rates": [8000, 192000]},
+        {"direction": "input", "channels": [1, 1], "formats": ["U8"], "rates": [44100]},
+    ]}}
+    model = SoundDevice(FakeHandle(), cfg)
+    reply = control(model, pcm_info_query(0, 2), 4 + 64)
+    assert snd_status(reply) == snd.Status.OK
+    out = snd.PcmInfo.unpack(reply[4:36])
+    inp = snd.PcmInfo.unpack(reply[36:68])
+    assert (out.channels_min, out.channels_max) == (2, 8)
+    assert out.formats == (1 << snd.FORMAT_INDEX["S16"]) | (1 << snd.FORMAT_INDEX["FLOAT"])
+    assert out.rates == (1 << snd.RATE_INDEX[8000]) | (1 << snd.RATE_INDEX[192000])
+    assert inp.direction == snd.Direction.INPUT and inp.formats == 1 << snd.FORMAT_INDEX["U8"]
+
+
+@pytest.mark.parametrize("command,reply_size", [
+    (pcm_info_query(1, 2), 68),                 # past the last stream
+    (pcm_info_query(0, 1, size=16), 68),        # wrong item size
+    (pcm_info_query(0, 2), 36),                 # reply buffer too small
+    (pcm_info_query(0, 2) + b"\0", 68),         # oversized message
+    (b"\x00\x01", 68),                          # short message
+    (struct.pack("<I", 0x7777), 68),            # unknown code
+])
+def test_snd_malformed_control_gets_bad_msg(command, reply_size):
+    model = SoundDevice(FakeHandle(), {})
+    assert snd_status(control(model, command, reply_size)) == snd.Status.BAD_MSG
+
+
+def test_snd_unimplemented_request_gets_not_supp():
+    model = SoundDevice(FakeHandle(), {})
+    cmd = snd.PCM_HDR.pack(snd.Code.PCM_PREPARE, 0)
+    assert snd_status(control(model, cmd, 4)) == snd.Status.NOT_SUPP
+
+
+def test_snd_tx_without_running_stream_gets_status_in_its_tail():
+    model = SoundDevice(FakeHandle(), {})
+    req = FakeRequest([struct.pack("<I", 0), bytes(64)], [8], queue=snd.TX_QUEUE)
+    model.handle_request(snd.TX_QUEUE, req)
+    assert snd.PCM_STATUS.unpack(req.reply) == (snd.Status.BAD_MSG, 0)
+
+
+def test_snd_event_buffers_are_held_until_reset():
+    model = SoundDevice(FakeHandle(), {})
+    req = FakeRequest([], [8], queue=snd.EVENT_QUEUE)
+    model.handle_request(snd.EVENT_QUEUE, req)
+    assert not req.done and len(model.events) == 1
+    model.reset()
+    assert not model.events
+
+
+@pytest.mark.parametrize("streams,message", [
+    ([{"direction": "sideways"}], "direction"),
+    ([{"channels": [3, 2]}], "channels"),
+    ([{"formats": ["S17"]}], "unknown format"),
+    ([{"rates": [1000]}], "unsupported rate"),
+    ([], "non-empty"),
+])
+def test_snd_bad_stream_config_is_one_line(streams, message):
+    with pytest.raises(ConfigError, match=message) as exc:
+        SoundDevice(FakeHandle(), {"snd": {"streams": streams}})
+    assert "\n" not in str(exc.value)
+
+
+# -- virtio-video --------------------------------------------------------------
+def query_capability(queue_type: int) -> bytes:
+    return video.QUERY_CAPABILITY.pack(video.Cmd.QUERY_CAPABILITY, 0, queue_type)
+
+
+def test_video_device_id_follows_role():
+    assert VideoDevice(FakeHandle(), {}).device_id == 31
+    assert VideoDevice(FakeHandle(), {}, role="encoder").device_id == 30
+    with pytest.raises(ConfigError):
+        VideoDevice(FakeHandle(), {}, role="transcoder")
+
+
+def test_video_capabilities_list_pyav_decoders_with_compatible_masks():
+    model = VideoDevice(FakeHandle(), {})
+    reply = control(model, query_capability(video.QueueType.INPUT), 4096)
+    resp, _, num = video.CAPABILITY_RESP.unpack_from(reply)
+    assert resp == video.Resp.OK_QUERY_CAPABILITY
+    coded = PyAVBackend().coded_formats()
+    assert num == len(coded) and video.Format.H264 in coded
+    expected = b"".join(d.pack() for d in PyAVBackend().capabilities(video.QueueType.INPUT))
+    assert reply[video.CAPABILITY_RESP.size:] == expected
+
+
+@pytest.mark.parametrize("command,status", [
+    (query_capability(0x123), video.Resp.ERR_INVALID_PARAMETER),
+    (b"\x00\x01\x00", video.Resp.ERR_INVALID_PARAMETER),
+    (video.HDR.pack(video.Cmd.QUERY_CAPABILITY, 0), video.Resp.ERR_INVALID_PARAMETER),
+    (video.HDR.pack(0x1FF, 0), video.Resp.ERR_INVALID_OPERATION),
+])
+def test_video_malformed_command_gets_error(command, status):
+    model = VideoDevice(FakeHandle(), {})
+    assert video.HDR.unpack_from(control(model, command, 64))[0] == status
+
+
+def test_video_capability_reply_larger_than_buffer_is_refused():
+    model = VideoDevice(FakeHandle(), {})
+    reply = control(model, query_capability(video.QueueType.INPUT), 32)
+    assert video.HDR.unpack_from(reply)[0] == video.Resp.ERR_INVALID_PARAMETER
+
+
+# -- the model base class and configuration -------------------------------------
+class Exploding(DeviceModel):
+    device_id = 25
+    queue_sizes = (8,)
+
+    def queue_handlers(self):
+        return [self.boom]
+
+    def boom(self, request):
+        raise KeyError("boom")
+
+
+def test_exception_in_handler_completes_the_request(caplog):
+    model = Exploding(FakeHandle(), {})
+    req = FakeRequest([b"x"], [4])
+    model.handle_request(0, req)
+    assert req.done and req.written == 0
+    assert "KeyError: 'boom'" in caplog.text
+
+
+def test_write_all_scatters_across_views_and_cuts_off():
+    req = FakeRequest([], [3, 2, 4])
+    assert write_all(req, b"abcdefgh") == 8
+    req.complete(8)
+    assert req.reply == b"abcdefgh"
+    assert write_all(FakeRequest([], [2]), b"abcdef") == 2
+
+
+def test_create_device_accepts_a_whole_model_as_backend():
+    model = create_device("snd", None, "tests.models:ProbeDevice", None, FakeHandle())
+    assert type(model).__name__ == "ProbeDevice"
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("nomodule", "must be written module:Class"),
+    ("no_such_mod:X", "cannot import backend 'no_such_mod:X'"),
+    ("pyemb.snd_backend:Missing", "has no class Missing"),
+])
+def test_import_class_errors(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        import_class(spec)
+
+
+def test_backend_of_the_wrong_kind_is_refused():
+    with pytest.raises(ConfigError, match="is not a pyemb SndBackend"):
+        create_device("snd", None, "pyemb.video_backend:PyAVBackend", None, FakeHandle())
+
+
+def test_backend_can_come_from_the_config_file(tmp_path):
+    cfg = tmp_path / "video.toml"
+    cfg.write_text('[backend]\nclass = "tests.models:FlakyVideoBackend"\n'
+                   '[video]\ndevice_name = "gpu0"\n')
+    model = create_device("video", "decoder", None, str(cfg), FakeHandle())
+    assert type(model.backend).__name__ == "FlakyVideoBackend"
+    assert model.read_config()[12:16] == b"gpu0"
+
+
+def test_missing_config_file_is_one_line():
+    with pytest.raises(ConfigError, match="config /nonexistent.toml: No such file"):
+        create_device("snd", None, None, "/nonexistent.toml", FakeHandle())
