@@ -19,13 +19,13 @@ test: build
 	$(PYTHON) -m pytest -q tests
 
 demo: build
-	$(PYTHON) -m pyemb.demo
+	$(PYTHON) -m demo.run
 
 lint:
 	$(PYTHON) -m ruff check pyemb tests bench
 
 bench: build
-	$(PYTHON) bench/control_roundtrip.py
+	$(PYTHON) -m bench.control_roundtrip
 
 clean:
 	rm -rf build .venv

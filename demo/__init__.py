@@ -1,0 +1,1 @@
+"""`make demo`: what pyemb does, run end to end (see run.py)."""

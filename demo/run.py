@@ -1,0 +1,82 @@
+"""The pyemb demo: start the patched QEMU with both devices, drive them with
+the host-side virtio driver, and print what happened.
+
+Run with ``make demo`` (which builds everything first) or
+``.venv/bin/python -m demo.run`` from the repository root.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+from pyemb.snd import protocol as snd
+from pyemb.video import protocol as video
+from tests.hostdriver import Machine, VirtioDevice
+
+
+def show_snd(dev: VirtioDevice) -> None:
+    jacks, streams, chmaps, _ = snd.CONFIG.unpack(dev.config(snd.CONFIG.size))
+    print(f"  virtio-snd-py: device ID {dev.device_id}, {len(dev.queues)} queues, "
+          f"config jacks={jacks} streams={streams} chmaps={chmaps}")
+    query = snd.QUERY_INFO.pack(snd.Code.PCM_INFO, 0, streams, snd.PCM_INFO.size)
+    used = dev.queues[snd.CONTROL_QUEUE].call([query], [4 + streams * snd.PCM_INFO.size])
+    status = snd.Status(snd.HDR.unpack_from(used.data)[0])
+    print(f"  PCM_INFO -> {status.name}, {used.written} bytes")
+    for i in range(streams):
+        info = snd.PcmInfo.unpack(used.data[4 + i * snd.PCM_INFO.size:])
+        formats = [n for n, b in snd.FORMAT_INDEX.items() if info.formats >> b & 1]
+        rates = [r for r, b in snd.RATE_INDEX.items() if info.rates >> b & 1]
+        print(f"    stream {i}: {info.direction.name.lower()}, "
+              f"{info.channels_min}-{info.channels_max} channels, {'/'.join(formats)}, "
+              f"{'/'.join(map(str, rates))} Hz")
+    times = []
+    for _ in range(300):
+        t0 = time.perf_counter()
+        dev.queues[snd.CONTROL_QUEUE].call([query], [4 + streams * snd.PCM_INFO.size])
+        times.append(time.perf_counter() - t0)
+    print(f"  300 more PCM_INFO round trips: median {statistics.median(times) * 1e6:.0f} us "
+          "(host driver -> qtest -> QEMU -> Python -> guest RAM -> host driver)")
+
+
+def show_video(dev: VirtioDevice) -> None:
+    version, max_caps, max_resp, name = video.CONFIG.unpack(dev.config(video.CONFIG.size))
+    print(f"  virtio-video-py: device ID {dev.device_id} (decoder), {len(dev.queues)} queues, "
+          f"name {name.rstrip(bytes(1)).decode()!r}, max_caps_length={max_caps}")
+    for queue_type in (video.QueueType.INPUT, video.QueueType.OUTPUT):
+        cmd = video.QUERY_CAPABILITY.pack(video.Cmd.QUERY_CAPABILITY, 0, queue_type)
+        used = dev.queues[video.COMMAND_QUEUE].call([cmd], [max_caps])
+        resp, _, num = video.CAPABILITY_RESP.unpack_from(used.data)
+        off, names = video.CAPABILITY_RESP.size, []
+        for _ in range(num):
+            _, fmt, _, _, frames = video.FORMAT_DESC.unpack_from(used.data, off)
+            off += video.FORMAT_DESC.size
+            for _ in range(frames):
+                *_, rates = video.FORMAT_FRAME.unpack_from(used.data, off)
+                off += video.FORMAT_FRAME.size + rates * video.FORMAT_RANGE.size
+            names.append(video.Format(fmt).name)
+        print(f"  QUERY_CAPABILITY({queue_type.name}) -> {video.Resp(resp).name}: "
+              f"{', '.join(names)}")
+
+
+def main() -> int:
+    for maker, snd_dev, video_dev, what in (
+        (Machine.x86, "virtio-snd-py-pci", "virtio-video-py-pci", "x86_64 pc, PCI"),
+        (Machine.aarch64, "virtio-snd-py", "virtio-video-py", "aarch64 virt, virtio-mmio"),
+    ):
+        print(f"== {what}: -device {snd_dev} -device {video_dev}")
+        with maker(["-device", snd_dev, "-device", video_dev]) as m:
+            snd_device = m.find_virtio(snd.DEVICE_ID)
+            snd_device.initialize()
+            show_snd(snd_device)
+            video_device = m.find_virtio(video.DECODER_DEVICE_ID)
+            video_device.initialize(want_features=0b11)
+            show_video(video_device)
+        print(f"  QEMU exited cleanly; stderr: {m.exit_stderr.strip() or '(empty)'}")
+    print("demo done: both devices answered through the patched QEMU on both transports")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
