@@ -116,12 +116,9 @@ void pyemb_report_exception(const char *who, const char *what)
         empty = PyUnicode_FromString("");
         joined = empty ? PyUnicode_Join(empty, lines) : NULL;
     }
+    error_report("%s: Python exception while %s", who, what);
     if (joined) {
-        error_report("%s: Python exception while %s:\n%s", who, what,
-                     PyUnicode_AsUTF8(joined));
-    } else {
-        error_report("%s: Python exception while %s (traceback unavailable)",
-                     who, what);
+        error_printf("%s", PyUnicode_AsUTF8(joined));
     }
     PyErr_Clear();
     Py_XDECREF(traceback);

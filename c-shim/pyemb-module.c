@@ -274,8 +274,8 @@ static PyObject *request_complete(PyObject *self, PyObject *args,
     PyembRequest *req = (PyembRequest *)self;
     Py_ssize_t written = 0;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|n:complete", (char **)kwlist,
-                                     &written)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|n:complete",
+                                     (char **)kwlist, &written)) {
         return NULL;
     }
     if (req->cancelled) {
@@ -526,7 +526,8 @@ static PyObject *handle_map_guest(PyObject *self, PyObject *args,
     PyObject *region;
 
     if (!s || !PyArg_ParseTupleAndKeywords(args, kwargs, "KK|p:map_guest",
-                                           (char **)kwlist, &addr, &len, &writable)) {
+                                           (char **)kwlist, &addr, &len,
+                                           &writable)) {
         return NULL;
     }
     if (len == 0 || addr + len < addr || len > PY_SSIZE_T_MAX) {

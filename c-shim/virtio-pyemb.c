@@ -73,8 +73,10 @@ void pyemb_request_config_notify(VirtIOPyemb *s)
     qemu_bh_schedule(s->completion_bh);
 }
 
-/* Main loop, BQL held: push what foreign threads completed, one notify per
- * queue. */
+/*
+ * Main loop, BQL held: push what foreign threads completed, one notify per
+ * queue.
+ */
 static void pyemb_completion_bh(void *opaque)
 {
     VirtIOPyemb *s = opaque;
@@ -162,7 +164,7 @@ static void pyemb_handle_output(VirtIODevice *vdev, VirtQueue *vq)
     gil = pyemb_gil_acquire();
     py_queue = PyLong_FromUnsignedLong(queue_index);
     while (py_queue && (elem = virtqueue_pop(vq, sizeof(VirtQueueElement)))) {
-        PyObject *request, *result;
+        PyObject *request, *result, *args[2];
 
         if (!pyemb_elem_in_guest_ram(elem)) {
             qemu_log_mask(LOG_GUEST_ERROR, "%s: queue %u: a descriptor is "
@@ -180,9 +182,9 @@ static void pyemb_handle_output(VirtIODevice *vdev, VirtQueue *vq)
         trace_pyemb_request(pyemb_name(s), queue_index,
                             ((PyembRequest *)request)->readable_size,
                             ((PyembRequest *)request)->writable_size);
-        result = PyObject_Vectorcall(s->dispatch,
-                                     (PyObject *[]){ py_queue, request },
-                                     2, NULL);
+        args[0] = py_queue;
+        args[1] = request;
+        result = PyObject_Vectorcall(s->dispatch, args, 2, NULL);
         if (!result) {
             /* The model's own error handling failed: never stall the queue. */
             pyemb_report_exception(pyemb_name(s), "handling a request");
@@ -460,6 +462,10 @@ static void pyemb_realize(DeviceState *dev, Error **errp)
     gil = pyemb_gil_acquire();
     ok = pyemb_create_model(s, &queue_sizes, errp);
     if (!ok) {
+        if (s->model) {
+            /* It may already hold threads or host devices. */
+            Py_XDECREF(pyemb_call(s, "close", "()"));
+        }
         pyemb_drop_model(s);
     }
     pyemb_gil_release(gil);

@@ -22,7 +22,7 @@ log() { echo "build-qemu: $*"; }
 
 # 1. The source package, downloaded once.
 mkdir -p "$cache/src"
-find_dsc() { ls "$cache"/src/qemu_10.0.*.dsc 2>/dev/null | sort -V | tail -n 1; }
+find_dsc() { ls "$cache"/src/qemu_10.0.*.dsc 2>/dev/null | sort -V | tail -n 1 || true; }
 dsc=$(find_dsc)
 if [ -z "$dsc" ]; then
     log "downloading Debian trixie's qemu source package"
