@@ -63,6 +63,13 @@ class ProbeDevice(DeviceModel):
             # Complete from a Python thread: the bottom-half path.
             delay = float(args[0])
             threading.Thread(target=self._later, args=(request, delay), daemon=True).start()
+        elif op == "interpreter":
+            import sys
+            self.reply(request, f"{id(sys)} {sys.prefix}")
+        elif op == "hang":
+            # A backend thread that never ends: QEMU's exit must not wait on it.
+            threading.Thread(target=threading.Event().wait, name="hung-backend").start()
+            self.reply(request, "hanging")
         elif op == "status":
             self.reply(request, f"pending={self.handle.pending_requests} "
                                 f"held={len(self.held)} resets={self.resets}")

@@ -4,6 +4,7 @@ start-up checks."""
 
 from __future__ import annotations
 
+import os
 import struct
 import subprocess
 import time
@@ -11,7 +12,7 @@ import time
 import pytest
 
 from pyemb.video import protocol as video
-from tests.conftest import command, start
+from tests.conftest import REPO, command, start
 from tests.hostdriver import Machine, QemuExited
 from tests.hostdriver.machine import QEMU_DIR
 
@@ -201,3 +202,29 @@ def test_qemu_exits_cleanly_with_requests_held_and_a_thread_running(probe):
     dev.queues[0].kick()
     assert m.stop() == 0
     assert "error" not in m.exit_stderr.lower(), m.exit_stderr
+
+
+def test_devices_share_one_interpreter_from_the_venv():
+    args = []
+    for i in range(2):
+        args += ["-device", f"virtio-snd-py-pci,backend=tests.models:ProbeDevice,addr={4 + i}"]
+    args += ["-device", "virtio-video-py-pci"]
+    with Machine.x86(args) as m:
+        probes = [d for d in m.virtio_devices() if d.device_id == 25]
+        assert len(probes) == 2
+        answers = set()
+        for dev in probes:
+            dev.initialize()
+            answers.add(command(dev, "interpreter"))
+        assert len(answers) == 1
+        venv = os.environ.get("PYEMB_VENV") or str(REPO / ".venv")
+        assert os.path.realpath(answers.pop().split()[1]) == os.path.realpath(venv)
+
+
+def test_hung_backend_thread_does_not_hang_qemu_exit(probe):
+    m, dev = probe
+    assert command(dev, "hang") == "hanging"
+    t0 = time.monotonic()
+    assert m.stop() == 0
+    assert time.monotonic() - t0 < 10
+    assert "Python threads still running at exit" in m.exit_stderr
