@@ -16,6 +16,7 @@
 #include "qemu/error-report.h"
 #include "qemu/cutils.h"
 #include "qemu/main-loop.h"
+#include <dlfcn.h>
 
 static enum { PY_NOT_STARTED, PY_RUNNING, PY_FAILED, PY_FINALIZED } py_state;
 static char *py_start_error;
@@ -128,6 +129,24 @@ void pyemb_report_exception(const char *who, const char *what)
     Py_XDECREF(exc);
     Py_XDECREF(value);
     Py_XDECREF(tb);
+}
+
+/*
+ * QEMU loads modules with local symbol binding, so libpython arrives as a
+ * local dependency of hw-pyemb-devices.so; extension modules (PyAV's, for
+ * one) resolve Python's API in the global namespace.  Promote it.
+ */
+static bool pyemb_make_libpython_global(Error **errp)
+{
+    Dl_info info;
+
+    if (!dladdr((void *)Py_InitializeFromConfig, &info) || !info.dli_fname ||
+        !dlopen(info.dli_fname, RTLD_NOW | RTLD_GLOBAL | RTLD_NOLOAD)) {
+        error_setg(errp, "pyemb: cannot make libpython's symbols global: %s",
+                   dlerror());
+        return false;
+    }
+    return true;
 }
 
 /* The venv to embed: $PYEMB_VENV, else pyemb.conf beside the binary. */
@@ -290,6 +309,9 @@ bool pyemb_python_start(Error **errp)
         goto fail;
     }
     program = g_build_filename(venv, "bin", "python3", NULL);
+    if (!pyemb_make_libpython_global(errp)) {
+        goto fail;
+    }
 
     if (PyImport_AppendInittab("_pyemb", pyemb_module_init) < 0) {
         error_setg(errp, "pyemb: cannot register the _pyemb module");

@@ -110,3 +110,6 @@ static void virtio_pyemb_pci_register(void)
 }
 
 type_init(virtio_pyemb_pci_register)
+module_obj("virtio-snd-py-pci");
+module_obj("virtio-video-py-pci");
+module_kconfig(VIRTIO_PCI);

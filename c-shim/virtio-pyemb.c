@@ -586,3 +586,6 @@ static const TypeInfo pyemb_types[] = {
 };
 
 DEFINE_TYPES(pyemb_types)
+module_obj(TYPE_VIRTIO_SND_PY);
+module_obj(TYPE_VIRTIO_VIDEO_PY);
+module_kconfig(PYEMB);

@@ -228,3 +228,16 @@ def test_hung_backend_thread_does_not_hang_qemu_exit(probe):
     assert m.stop() == 0
     assert time.monotonic() - t0 < 10
     assert "Python threads still running at exit" in m.exit_stderr
+
+
+def libpython_mapped(m: Machine) -> bool:
+    with open(f"/proc/{m.proc.pid}/maps") as f:
+        return "libpython3" in f.read()
+
+
+def test_libpython_is_loaded_only_when_a_pyemb_device_is_used():
+    with Machine.x86(["-audiodev", "none,id=a", "-device", "virtio-sound-pci,audiodev=a"]) as m:
+        assert m.find_virtio(25)
+        assert not libpython_mapped(m)
+        m.qmp.execute("device_add", driver="virtio-snd-py-pci", id="py0")
+        assert libpython_mapped(m)
