@@ -69,6 +69,7 @@ struct VirtIOPyemb {
     QTAILQ_HEAD(, PyembRequest) live_requests;
     QTAILQ_HEAD(, PyembMapping) mappings;
     bool warned_kept_views;
+    bool dropping;              /* in model.reset()/close(): drops are fine */
 
     /* Completions from foreign threads, pushed by completion_bh */
     QemuMutex done_lock;
@@ -97,6 +98,7 @@ PyObject *pyemb_request_new(VirtIOPyemb *s, unsigned queue_index,
                             VirtQueueElement *elem);
 bool pyemb_request_finish(PyObject *request, uint32_t written);
 unsigned pyemb_cancel_requests(VirtIOPyemb *s);
+void pyemb_cancel_request(PyembRequest *req);
 void pyemb_release_mappings(VirtIOPyemb *s);
 
 /* virtio-pyemb.c */

@@ -254,6 +254,7 @@ static void pyemb_python_shutdown(void)
     /* Devices are not unrealized at exit: drop their Python objects here. */
     QTAILQ_FOREACH(s, &pyemb_devices, next) {
         if (s->model) {
+            s->dropping = true;
             res = PyObject_CallMethod(s->model, "close", NULL);
             if (!res) {
                 pyemb_report_exception(object_get_typename(OBJECT(s)),

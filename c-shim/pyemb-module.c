@@ -246,22 +246,28 @@ bool pyemb_request_finish(PyObject *request, uint32_t written)
     return true;
 }
 
+/* Return @req's element to QEMU unused: the guest never sees it. */
+void pyemb_cancel_request(PyembRequest *req)
+{
+    VirtIOPyemb *s = req->dev;
+
+    QTAILQ_REMOVE(&s->live_requests, req, next);
+    req->finished = true;
+    req->cancelled = true;
+    request_kill_views(req, s);
+    virtqueue_detach_element(s->vqs[req->queue_index], req->elem, 0);
+    g_free(req->elem);
+    req->elem = NULL;
+    req->dev = NULL;
+}
+
 /* Device reset or unrealize: drop every request the model still holds. */
 unsigned pyemb_cancel_requests(VirtIOPyemb *s)
 {
     unsigned n = 0;
 
     while (!QTAILQ_EMPTY(&s->live_requests)) {
-        PyembRequest *req = QTAILQ_FIRST(&s->live_requests);
-
-        QTAILQ_REMOVE(&s->live_requests, req, next);
-        req->finished = true;
-        req->cancelled = true;
-        request_kill_views(req, s);
-        virtqueue_detach_element(s->vqs[req->queue_index], req->elem, 0);
-        g_free(req->elem);
-        req->elem = NULL;
-        req->dev = NULL;
+        pyemb_cancel_request(QTAILQ_FIRST(&s->live_requests));
         n++;
     }
     return n;
@@ -299,10 +305,16 @@ static void request_dealloc(PyObject *self)
     PyembRequest *req = (PyembRequest *)self;
 
     if (!req->finished && req->dev) {
-        warn_report("%s: a request on queue %u was dropped without being "
-                    "completed; returning it to the guest empty",
-                    object_get_typename(OBJECT(req->dev)), req->queue_index);
-        pyemb_request_finish(self, 0);
+        if (req->dev->dropping) {
+            /* A reset or unplug forgets requests: that is what it is for. */
+            pyemb_cancel_request(req);
+        } else {
+            warn_report("%s: a request on queue %u was dropped without being "
+                        "completed; returning it to the guest empty",
+                        object_get_typename(OBJECT(req->dev)),
+                        req->queue_index);
+            pyemb_request_finish(self, 0);
+        }
     }
     Py_XDECREF(req->readable);
     Py_XDECREF(req->writable);

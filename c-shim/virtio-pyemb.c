@@ -317,7 +317,9 @@ static void pyemb_reset(VirtIODevice *vdev)
     }
     gil = pyemb_gil_acquire();
     /* The model first, so that its threads stop completing requests. */
+    s->dropping = true;
     Py_XDECREF(pyemb_call(s, "reset", "()"));
+    s->dropping = false;
     cancelled = pyemb_drop_guest_state(s);
     pyemb_gil_release(gil);
     pyemb_drop_queued_completions(s);
@@ -495,6 +497,7 @@ static void pyemb_unrealize(DeviceState *dev)
 
     if (pyemb_python_running()) {
         gil = pyemb_gil_acquire();
+        s->dropping = true;
         Py_XDECREF(pyemb_call(s, "close", "()"));
         pyemb_drop_guest_state(s);
         pyemb_drop_model(s);

@@ -1,17 +1,67 @@
 """Video engines for virtio-video-py.
 
-A backend reports what it can do (``capabilities``) and, with the video
-decoder issue, opens decode sessions.  The default engine is PyAV (FFmpeg).
-
-Status: the foundation reports capabilities from the decoders that this
-PyAV build really has; decoding sessions come with the video decoder issue.
+A backend reports what it can do (``capabilities``, ``profiles``, ``levels``)
+and opens one :class:`DecodeSession` per stream.  A session turns bitstream
+chunks into :class:`Picture` objects; the device model
+(:mod:`pyemb.video.decoder`) owns the protocol, the buffers and the threads.
+The default engine is PyAV (FFmpeg); another engine is one class.
 """
 
 from __future__ import annotations
 
+from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
-from pyemb.video.protocol import Format, FormatDesc, FormatFrame, QueueType, Range
+import numpy as np
+
+from pyemb.video.protocol import (
+    BufferFlag,
+    Format,
+    FormatDesc,
+    FormatFrame,
+    QueueType,
+    Range,
+)
+
+
+class DecodeError(Exception):
+    """The bitstream chunk could not be decoded."""
+
+
+@dataclass
+class Picture:
+    """A decoded picture, visible size, with the timestamp of the input
+    buffer its first byte came from."""
+
+    width: int
+    height: int
+    timestamp: int
+    flags: int                      # BufferFlag.IFRAME / PFRAME / BFRAME
+    frame: Any                      # engine-specific
+
+    def planes(self, fmt: Format) -> list[np.ndarray]:
+        """The visible picture as 2-D uint8 arrays, one per plane of ``fmt``
+        (NV12: Y, interleaved UV; YUV420: Y, U, V)."""
+        raise NotImplementedError
+
+
+class DecodeSession:
+    """One stream's decoder.  Called from the stream's worker thread only."""
+
+    def decode(self, data: bytes, timestamp: int) -> list[Picture]:
+        """Feed a chunk of bitstream (any size, not necessarily whole frames)."""
+        raise NotImplementedError
+
+    def flush(self) -> list[Picture]:
+        """End of stream: every picture still inside the decoder."""
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget everything fed so far (QUEUE_CLEAR of the input queue)."""
+
+    def close(self) -> None:
+        pass
 
 # Coded formats and the FFmpeg decoder that handles each.
 FFMPEG_DECODERS = {
@@ -53,12 +103,131 @@ class VideoBackend:
         mask = (1 << len(coded)) - 1
         return [FormatDesc(f, mask=mask, frames=(FRAME,)) for f in raw]
 
+    def profiles(self, fmt: Format) -> list[int]:
+        """PROFILE control values supported for a coded format."""
+        return list(PROFILES.get(fmt, ()))
+
+    def levels(self, fmt: Format) -> list[int]:
+        """LEVEL control values supported for a coded format."""
+        return list(LEVELS.get(fmt, ()))
+
+    def open_session(self, fmt: Format) -> DecodeSession:
+        """A decoder for one stream of coded format ``fmt``."""
+        raise NotImplementedError
+
     def close(self) -> None:
         """Release everything; the device is going away."""
 
 
+# What FFmpeg's software decoders handle (virtio-video profile values):
+# H.264 without EXTENDED (no data partitioning) and without the SVC/MVC
+# profiles; every HEVC, VP8 and VP9 profile of the enumeration.
+PROFILES = {
+    Format.H264: (0x100, 0x101, 0x103, 0x104, 0x105, 0x106),
+    Format.HEVC: (0x200, 0x201, 0x202),
+    Format.VP8: (0x300, 0x301, 0x302, 0x303),
+    Format.VP9: (0x400, 0x401, 0x402, 0x403),
+}
+LEVELS = {Format.H264: tuple(range(0x100, 0x10F))}
+
+PICT_FLAGS = {1: BufferFlag.IFRAME, 2: BufferFlag.PFRAME, 3: BufferFlag.BFRAME}
+
+
+class PyAVPicture(Picture):
+    def planes(self, fmt: Format) -> list[np.ndarray]:
+        name = "nv12" if fmt == Format.NV12 else "yuv420p"
+        frame = self.frame
+        if frame.format.name != name:
+            frame = frame.reformat(format=name, threads=1)
+        w, h = self.width, self.height
+        cw, ch = (w + 1) // 2, (h + 1) // 2
+        shapes = [(h, w), (ch, 2 * cw)] if name == "nv12" else [(h, w), (ch, cw), (ch, cw)]
+        out = []
+        for plane, (rows, row_bytes) in zip(frame.planes, shapes, strict=True):
+            a = np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)
+            out.append(a[:rows, :row_bytes])
+        return out
+
+
+class PyAVSession(DecodeSession):
+    """Parse with the codec's parser (chunks need not be whole frames), then
+    decode.  A packet gets the timestamp of the input chunk that holds its
+    first byte; FFmpeg carries it through reordering to the picture."""
+
+    def __init__(self, codec_name: str, threads: int = 0) -> None:
+        import av
+
+        self._av = av
+        self.codec_name = codec_name
+        self.threads = threads
+        self._open()
+
+    def _open(self) -> None:
+        ctx = self._av.CodecContext.create(self.codec_name, "r")
+        ctx.thread_type = "AUTO"           # SLICE alone stays single-threaded
+        ctx.thread_count = self.threads
+        self.ctx = ctx
+        self.fed = 0                         # bitstream bytes fed to the parser
+        self.emitted = 0                     # bytes handed out in packets
+        self.chunks: deque[tuple[int, int]] = deque()   # (start offset, timestamp)
+        self.next_pts = 0
+        self.timestamps: dict[int, int] = {}
+
+    def _timestamp_at(self, offset: int) -> int:
+        while len(self.chunks) > 1 and self.chunks[1][0] <= offset:
+            self.chunks.popleft()
+        return self.chunks[0][1] if self.chunks else 0
+
+    def _decode_packets(self, packets) -> list[Picture]:
+        pictures = []
+        try:
+            for packet in packets:
+                if packet is not None:
+                    pts = self.next_pts
+                    self.next_pts += 1
+                    self.timestamps[pts] = self._timestamp_at(self.emitted)
+                    self.emitted += packet.size
+                    packet.pts = packet.dts = pts
+                for frame in self.ctx.decode(packet):
+                    ts = self.timestamps.pop(frame.pts, 0) if frame.pts is not None else 0
+                    pictures.append(PyAVPicture(frame.width, frame.height, ts,
+                                                PICT_FLAGS.get(int(frame.pict_type), 0),
+                                                frame))
+        except self._av.error.FFmpegError as e:
+            raise DecodeError(str(e)) from e
+        return pictures
+
+    def decode(self, data: bytes, timestamp: int) -> list[Picture]:
+        self.chunks.append((self.fed, timestamp))
+        self.fed += len(data)
+        try:
+            packets = self.ctx.parse(data)
+        except self._av.error.FFmpegError as e:
+            raise DecodeError(str(e)) from e
+        return self._decode_packets(packets)
+
+    def flush(self) -> list[Picture]:
+        pictures = self._decode_packets(self.ctx.parse(None))
+        pictures += self._decode_packets([None])
+        # Ready for more after a drain: the parser is flushed, the decoder too.
+        self.ctx.flush_buffers()
+        self.timestamps.clear()
+        return pictures
+
+    def reset(self) -> None:
+        self.ctx.flush_buffers()
+        self._open()
+
+    def close(self) -> None:
+        self.ctx = None
+
+
 class PyAVBackend(VideoBackend):
-    """FFmpeg through PyAV."""
+    """FFmpeg through PyAV.  Options (``[backend]`` table): ``threads``,
+    decoder threads per stream (0: FFmpeg's choice)."""
+
+    def open_session(self, fmt: Format) -> DecodeSession:
+        return PyAVSession(FFMPEG_DECODERS[fmt], int(self.config.get("threads", 0)))
 
     def coded_formats(self) -> list[Format]:
         import av

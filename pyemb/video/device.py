@@ -1,23 +1,41 @@
-"""The virtio-video device model: queues, config space, commands.
+"""The virtio-video device model: queues, config space, the command set.
 
-Status: the foundation answers QUERY_CAPABILITY from the backend and
-refuses the other commands with INVALID_OPERATION; streams, resources and
-decoding come with the video decoder issue.
+A stateful decoder in the ChromeOS/crosvm dialect (see
+../shared/protocols/virtio-video.md).  Synchronous commands are answered here,
+on QEMU's main loop, without waiting on decoding; RESOURCE_QUEUE and
+STREAM_DRAIN are completed later by the stream's worker
+(:mod:`pyemb.video.decoder`).  The encoder role has the device ID and the
+capabilities query, but no encoding yet: STREAM_CREATE says so.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from pyemb.config import ConfigError, section
+from pyemb.config import ConfigError, get_int, section
 from pyemb.device import DeviceHandle, DeviceModel, ProtocolError, Request, write_all
 from pyemb.video import protocol as p
+from pyemb.video.decoder import DecoderStream, plane_formats
+from pyemb.video.resources import Resource, map_entries, parse_entries
 from pyemb.video_backend import PyAVBackend, VideoBackend
 
 MAX_CAPS_LENGTH = 4096
 MAX_RESP_LENGTH = 1024
+QUEUE_TYPES = (p.QueueType.INPUT, p.QueueType.OUTPUT)
+
+
+def need(command: bytes, size: int, what: str) -> None:
+    if len(command) < size:
+        raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER, f"short {what}")
+
+
+def queue_type_of(value: int) -> p.QueueType:
+    if value not in QUEUE_TYPES:
+        raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER, f"queue_type 0x{value:x}")
+    return p.QueueType(value)
 
 
 class VideoDevice(DeviceModel):
@@ -40,13 +58,35 @@ class VideoDevice(DeviceModel):
         if not isinstance(name, str) or len(name.encode()) > 32:
             raise ConfigError("config: video.device_name must be a string of at most 32 bytes")
         self.device_name = name.encode()
+        self.max_streams = get_int(video, "max_streams", 32, 1, 1024, "video")
         backend_class = backend_class or PyAVBackend
         if not issubclass(backend_class, VideoBackend):
             raise ConfigError(f"backend {backend_class.__name__} is not a pyemb VideoBackend")
         self.backend = backend_class(section(config, "backend"))
-        self.events: deque[Request] = deque()
+        self.streams: dict[int, DecoderStream] = {}
+        self.event_lock = threading.Lock()
+        self.event_buffers: deque[Request] = deque()
+        self.pending_events: deque[tuple[int, int]] = deque()
         super().__init__(handle, config)
+        self.commands: dict[int, Callable[[bytes, Request], bytes | None]] = {
+            p.Cmd.QUERY_CAPABILITY: self.query_capability,
+            p.Cmd.STREAM_CREATE: self.stream_create,
+            p.Cmd.STREAM_DESTROY: self.stream_destroy,
+            p.Cmd.STREAM_DRAIN: self.stream_drain,
+            p.Cmd.RESOURCE_CREATE: self.resource_create,
+            p.Cmd.RESOURCE_QUEUE: self.resource_queue,
+            p.Cmd.RESOURCE_DESTROY_ALL: self.resource_destroy_all,
+            p.Cmd.QUEUE_CLEAR: self.queue_clear,
+            p.Cmd.GET_PARAMS: self.get_params,
+            p.Cmd.SET_PARAMS: self.set_params,
+            p.Cmd.GET_PARAMS_EXT: self.get_params,
+            p.Cmd.SET_PARAMS_EXT: self.set_params,
+            p.Cmd.QUERY_CONTROL: self.query_control,
+            p.Cmd.GET_CONTROL: self.get_control,
+            p.Cmd.SET_CONTROL: self.set_control,
+        }
 
+    # -- device plumbing --------------------------------------------------------------
     def queue_handlers(self) -> list[Callable[[Request], None]]:
         return [self.on_command, self.on_event]
 
@@ -55,17 +95,17 @@ class VideoDevice(DeviceModel):
 
     def reset(self) -> None:
         super().reset()
-        self.events.clear()
+        for stream in list(self.streams.values()):
+            with stream.lock:
+                stream.abandon()
+        self.streams.clear()
+        with self.event_lock:
+            self.event_buffers.clear()
+            self.pending_events.clear()
 
     def close(self) -> None:
         self.reset()
         self.backend.close()
-
-    def on_event(self, request: Request) -> None:
-        self.events.append(request)
-
-    def on_command(self, request: Request) -> None:
-        self.serve_command(request, self.command, p.reply, p.Resp.ERR_INVALID_OPERATION)
 
     def fail_request(self, queue: int, request: Request) -> None:
         if queue == p.COMMAND_QUEUE:
@@ -73,23 +113,241 @@ class VideoDevice(DeviceModel):
         else:
             request.complete(0)
 
-    def command(self, command: bytes, request: Request) -> bytes:
-        if len(command) < p.HDR.size:
-            raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER, "short command")
-        kind, stream_id = p.HDR.unpack_from(command)
-        if kind == p.Cmd.QUERY_CAPABILITY:
-            return self.query_capability(command, request)
-        raise ProtocolError(p.Resp.ERR_INVALID_OPERATION, f"command 0x{kind:x}")
+    # -- events -----------------------------------------------------------------------
+    def on_event(self, request: Request) -> None:
+        with self.event_lock:
+            self.event_buffers.append(request)
+            self._flush_events()
+
+    def send_event(self, event_type: int, stream_id: int) -> None:
+        """Report an event; kept until the driver posts an event buffer."""
+        with self.event_lock:
+            self.pending_events.append((event_type, stream_id))
+            self._flush_events()
+
+    def _flush_events(self) -> None:
+        while self.pending_events and self.event_buffers:
+            event = self.pending_events.popleft()
+            buf = self.event_buffers.popleft()
+            buf.complete(write_all(buf, p.EVENT.pack(*event)))
+
+    # -- commands -----------------------------------------------------------------------
+    def on_command(self, request: Request) -> None:
+        self.serve_command(request, self.command, p.reply, p.Resp.ERR_INVALID_OPERATION)
+
+    def command(self, command: bytes, request: Request) -> bytes | None:
+        need(command, p.HDR.size, "command")
+        kind, _ = p.HDR.unpack_from(command)
+        handler = self.commands.get(kind)
+        if handler is None:
+            raise ProtocolError(p.Resp.ERR_INVALID_OPERATION, f"command 0x{kind:x}")
+        return handler(command, request)
+
+    def stream(self, command: bytes) -> DecoderStream:
+        _, stream_id = p.HDR.unpack_from(command)
+        try:
+            return self.streams[stream_id]
+        except KeyError:
+            raise ProtocolError(p.Resp.ERR_INVALID_STREAM_ID, f"stream {stream_id}") from None
 
     def query_capability(self, command: bytes, request: Request) -> bytes:
-        if len(command) < p.QUERY_CAPABILITY.size:
-            raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER, "short QUERY_CAPABILITY")
+        need(command, p.QUERY_CAPABILITY.size, "QUERY_CAPABILITY")
         _, _, queue_type = p.QUERY_CAPABILITY.unpack_from(command)
-        if queue_type not in (p.QueueType.INPUT, p.QueueType.OUTPUT):
-            raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER, "bad queue_type")
-        descs = self.backend.capabilities(p.QueueType(queue_type))
+        descs = self.backend.capabilities(queue_type_of(queue_type))
         reply = p.CAPABILITY_RESP.pack(p.Resp.OK_QUERY_CAPABILITY, 0, len(descs))
         reply += b"".join(d.pack() for d in descs)
         if len(reply) > request.writable_size:
             raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER, "response buffer too small")
         return reply
+
+    def stream_create(self, command: bytes, request: Request) -> bytes:
+        need(command, p.STREAM_CREATE.size, "STREAM_CREATE")
+        _, stream_id, in_mem, out_mem, coded, _, _ = p.STREAM_CREATE.unpack_from(command)
+        if self.role != "decoder":
+            raise ProtocolError(p.Resp.ERR_INVALID_OPERATION, "encoding is not implemented")
+        if stream_id in self.streams:
+            raise ProtocolError(p.Resp.ERR_INVALID_STREAM_ID, f"stream {stream_id} exists")
+        if len(self.streams) >= self.max_streams:
+            raise ProtocolError(p.Resp.ERR_OUT_OF_MEMORY, "too many streams")
+        if coded not in self.backend.coded_formats():
+            raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER, f"coded format 0x{coded:x}")
+        # ChromeOS says VIRTIO_OBJECT here and the real type in SET_PARAMS_EXT.
+        for mem in (in_mem, out_mem):
+            if mem not in (p.MemType.GUEST_PAGES, p.MemType.VIRTIO_OBJECT):
+                raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER, f"mem type {mem}")
+        session = self.backend.open_session(p.Format(coded))
+        self.streams[stream_id] = DecoderStream(stream_id, coded, in_mem, out_mem, session,
+                                                self.send_event, self.report)
+        return p.reply(p.Resp.OK_NODATA, stream_id)
+
+    def stream_destroy(self, command: bytes, request: Request) -> bytes:
+        stream = self.stream(command)
+        with stream.lock:
+            stream.destroy()
+        del self.streams[stream.id]
+        return p.reply(p.Resp.OK_NODATA, stream.id)
+
+    def stream_drain(self, command: bytes, request: Request) -> None:
+        stream = self.stream(command)
+        with stream.lock:
+            if stream.drain is not None:
+                raise ProtocolError(p.Resp.ERR_INVALID_OPERATION, "drain already pending")
+            stream.start_drain(request)
+        return None
+
+    def resource_create(self, command: bytes, request: Request) -> bytes:
+        need(command, p.RESOURCE_CREATE.size, "RESOURCE_CREATE")
+        stream = self.stream(command)
+        fields = p.RESOURCE_CREATE.unpack_from(command)
+        queue_type, resource_id, layout, num_planes = fields[2:6]
+        offsets, num_entries = list(fields[6:14]), list(fields[14:22])
+        queue_type = queue_type_of(queue_type)
+        if not 1 <= num_planes <= p.MAX_PLANES:
+            raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER, f"{num_planes} planes")
+        if layout not in (p.PlanesLayout.SINGLE_BUFFER, p.PlanesLayout.PER_PLANE):
+            raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER, f"planes_layout {layout}")
+        if stream.params[queue_type].resource_type != p.MemType.GUEST_PAGES:
+            raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER,
+                                "virtio-gpu object resources are not supported")
+        count = sum(num_entries[:num_planes])
+        entries = parse_entries(command[p.RESOURCE_CREATE.size:], count)
+        with stream.lock:
+            old = stream.resources[queue_type].get(resource_id)
+            if old is not None and old.queued:
+                raise ProtocolError(p.Resp.ERR_INVALID_RESOURCE_ID,
+                                    f"resource {resource_id} is queued")
+        chunks = map_entries(self.handle, entries, writable=queue_type == p.QueueType.OUTPUT)
+        resource = Resource(resource_id, queue_type, layout, offsets[:num_planes], chunks)
+        with stream.lock:
+            old = stream.resources[queue_type].pop(resource_id, None)
+            if old is not None:
+                old.release()
+            stream.resources[queue_type][resource_id] = resource
+        return p.reply(p.Resp.OK_NODATA, stream.id)
+
+    def resource_queue(self, command: bytes, request: Request) -> None:
+        need(command, p.RESOURCE_QUEUE.size, "RESOURCE_QUEUE")
+        stream = self.stream(command)
+        fields = p.RESOURCE_QUEUE.unpack_from(command)
+        queue_type, resource_id, timestamp, num_sizes = fields[2:6]
+        sizes = fields[6:14]
+        queue_type = queue_type_of(queue_type)
+        if request.writable_size < p.RESOURCE_QUEUE_RESP.size:
+            raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER, "response buffer too small")
+        with stream.lock:
+            resource = stream.resources[queue_type].get(resource_id)
+            if resource is None:
+                raise ProtocolError(p.Resp.ERR_INVALID_RESOURCE_ID, f"resource {resource_id}")
+            if resource.queued:
+                raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER,
+                                    f"resource {resource_id} is already queued")
+            if queue_type == p.QueueType.INPUT:
+                if not 1 <= num_sizes <= p.MAX_PLANES or sizes[0] > resource.size:
+                    raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER, "bad data size")
+                stream.queue_input(request, resource, sizes[0], timestamp)
+            else:
+                stream.queue_output(request, resource)
+        return None
+
+    def resource_destroy_all(self, command: bytes, request: Request) -> bytes:
+        need(command, p.QUEUE_CMD.size, "RESOURCE_DESTROY_ALL")
+        stream = self.stream(command)
+        queue_type = queue_type_of(p.QUEUE_CMD.unpack_from(command)[2])
+        with stream.lock:
+            stream.destroy_resources(queue_type)
+        return p.reply(p.Resp.OK_NODATA, stream.id)
+
+    def queue_clear(self, command: bytes, request: Request) -> bytes:
+        need(command, p.QUEUE_CMD.size, "QUEUE_CLEAR")
+        stream = self.stream(command)
+        queue_type = queue_type_of(p.QUEUE_CMD.unpack_from(command)[2])
+        with stream.lock:
+            stream.clear(queue_type)
+        return p.reply(p.Resp.OK_NODATA, stream.id)
+
+    def get_params(self, command: bytes, request: Request) -> bytes:
+        need(command, p.QUEUE_CMD.size, "GET_PARAMS")
+        kind = p.HDR.unpack_from(command)[0]
+        stream = self.stream(command)
+        queue_type = queue_type_of(p.QUEUE_CMD.unpack_from(command)[2])
+        with stream.lock:
+            params = stream.params[queue_type]
+            body = params.pack_ext() if kind == p.Cmd.GET_PARAMS_EXT else params.pack()
+            stream.params_read(queue_type)
+        return p.HDR.pack(p.Resp.OK_GET_PARAMS, stream.id) + body
+
+    def set_params(self, command: bytes, request: Request) -> bytes:
+        ext = p.HDR.unpack_from(command)[0] == p.Cmd.SET_PARAMS_EXT
+        need(command, p.HDR.size + (p.PARAMS_EXT if ext else p.PARAMS).size, "SET_PARAMS")
+        stream = self.stream(command)
+        new = p.Params.unpack(command, p.HDR.size, ext)
+        queue_type = queue_type_of(new.queue_type)
+        with stream.lock:
+            cur = stream.params[queue_type]
+            if ext:
+                if new.resource_type not in (p.MemType.GUEST_PAGES, p.MemType.VIRTIO_OBJECT):
+                    raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER, "resource_type")
+                cur.resource_type = new.resource_type
+            if queue_type == p.QueueType.INPUT:
+                self._set_input_params(stream, cur, new)
+            else:
+                self._set_output_params(cur, new)
+                stream.params_read(queue_type)
+        return p.reply(p.Resp.OK_NODATA, stream.id)
+
+    def _set_input_params(self, stream: DecoderStream, cur: p.Params, new: p.Params) -> None:
+        if new.format != cur.format:
+            raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER,
+                                "the coded format is fixed at STREAM_CREATE")
+        if new.plane_formats and new.plane_formats[0][0]:
+            cur.plane_formats = [(new.plane_formats[0][0], 0)]   # sizeimage of input buffers
+        if new.frame_rate:
+            cur.frame_rate = new.frame_rate
+
+    def _set_output_params(self, cur: p.Params, new: p.Params) -> None:
+        if new.format not in self.backend.raw_formats():
+            raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER, f"raw format {new.format}")
+        cur.format = new.format
+        if cur.frame_width and cur.frame_height:
+            minimum = plane_formats(cur.format, cur.frame_width, cur.frame_height)
+            # Keep the driver's strides where they are large enough.
+            if (len(new.plane_formats) == len(minimum) and all(
+                    size >= msize and stride >= mstride for (size, stride), (msize, mstride)
+                    in zip(new.plane_formats, minimum, strict=True))):
+                cur.plane_formats = list(new.plane_formats)
+            else:
+                cur.plane_formats = minimum
+        if new.min_buffers:
+            cur.min_buffers = max(cur.min_buffers, min(new.min_buffers, cur.max_buffers))
+
+    def query_control(self, command: bytes, request: Request) -> bytes:
+        need(command, p.QUERY_CONTROL.size, "QUERY_CONTROL")
+        _, _, control, fmt = p.QUERY_CONTROL.unpack_from(command)
+        if control == p.Control.PROFILE:
+            values = self.backend.profiles(fmt)
+        elif control == p.Control.LEVEL:
+            values = self.backend.levels(fmt)
+        else:
+            raise ProtocolError(p.Resp.ERR_UNSUPPORTED_CONTROL, f"control {control}")
+        if not values:
+            raise ProtocolError(p.Resp.ERR_UNSUPPORTED_CONTROL, f"control {control} for {fmt}")
+        head = p.QUERY_CONTROL_RESP.pack(p.Resp.OK_QUERY_CONTROL, 0, len(values))
+        return head + b"".join(v.to_bytes(4, "little") for v in values)
+
+    def get_control(self, command: bytes, request: Request) -> bytes:
+        need(command, p.GET_CONTROL.size, "GET_CONTROL")
+        stream = self.stream(command)
+        control = p.GET_CONTROL.unpack_from(command)[2]
+        coded = stream.params[p.QueueType.INPUT].format
+        values = (self.backend.profiles(coded) if control == p.Control.PROFILE
+                  else self.backend.levels(coded) if control == p.Control.LEVEL else [])
+        if not values:
+            raise ProtocolError(p.Resp.ERR_UNSUPPORTED_CONTROL, f"control {control}")
+        # A decoder follows the stream; report the most common profile/level it can take.
+        return p.GET_CONTROL_RESP.pack(p.Resp.OK_GET_CONTROL, stream.id, values[0])
+
+    def set_control(self, command: bytes, request: Request) -> bytes:
+        need(command, p.SET_CONTROL.size, "SET_CONTROL")
+        self.stream(command)
+        raise ProtocolError(p.Resp.ERR_UNSUPPORTED_CONTROL,
+                            "a decoder takes its controls from the bitstream")

@@ -130,3 +130,92 @@ class FormatDesc:
 def reply(resp: Resp, stream_id: int = 0) -> bytes:
     """A bare response header (OK_NODATA or an error)."""
     return HDR.pack(resp, stream_id)
+
+
+class MemType(IntEnum):
+    GUEST_PAGES = 0
+    VIRTIO_OBJECT = 1
+
+
+class BufferFlag(IntEnum):
+    ERR = 0x1
+    EOS = 0x2
+    IFRAME = 0x4
+    PFRAME = 0x8
+    BFRAME = 0x10
+
+
+class Control(IntEnum):
+    BITRATE = 1
+    PROFILE = 2
+    LEVEL = 3
+    FORCE_KEYFRAME = 4
+    BITRATE_MODE = 5
+    BITRATE_PEAK = 6
+    PREPEND_SPSPPS_TO_IDR = 7
+
+
+class EventType(IntEnum):
+    ERROR = 0x100
+    DECODER_RESOLUTION_CHANGED = 0x200
+
+
+MAX_PLANES = 8
+
+# Commands after the 8-byte header (type, stream_id); sizes include it.
+STREAM_CREATE = struct.Struct("<IIIIII64s")          # in/out mem type, coded format, tag
+RESOURCE_CREATE = struct.Struct("<IIIIII8I8I")        # queue, id, layout, planes, offsets, entries
+MEM_ENTRY = struct.Struct("<QI4x")                    # addr, length
+RESOURCE_QUEUE = struct.Struct("<IIIIQI8I4x")         # queue, id, timestamp, n, data_sizes
+RESOURCE_QUEUE_RESP = struct.Struct("<IIQII")         # hdr, timestamp, flags, size
+QUEUE_CMD = struct.Struct("<III4x")                   # DESTROY_ALL, QUEUE_CLEAR, GET_PARAMS(_EXT)
+QUERY_CONTROL = struct.Struct("<III4xI4x")            # control, (pad), format
+QUERY_CONTROL_RESP = struct.Struct("<III4x")          # hdr, num, then le32 values
+GET_CONTROL = struct.Struct("<III4x")                 # control
+GET_CONTROL_RESP = struct.Struct("<III4x")            # hdr, value
+SET_CONTROL = struct.Struct("<III4xI4x")              # control, value
+PARAMS = struct.Struct("<" + "I" * 28)                # 112 bytes (v3)
+PARAMS_EXT = struct.Struct("<" + "I" * 30)            # 120 bytes
+EVENT = struct.Struct("<II")                          # event_type, stream_id
+
+
+@dataclass
+class Params:
+    """virtio_video_params (v3) and params_ext (resource_type)."""
+
+    queue_type: int
+    format: int = 0
+    frame_width: int = 0
+    frame_height: int = 0
+    min_buffers: int = 1
+    max_buffers: int = 32
+    crop: tuple[int, int, int, int] = (0, 0, 0, 0)        # left, top, width, height
+    frame_rate: int = 0
+    plane_formats: list[tuple[int, int]] = field(default_factory=list)  # (size, stride)
+    resource_type: int = MemType.GUEST_PAGES
+
+    def _fields(self) -> list[int]:
+        planes = list(self.plane_formats)[:MAX_PLANES]
+        flat = [v for plane in planes for v in plane]
+        flat += [0] * (2 * MAX_PLANES - len(flat))
+        return [self.queue_type, self.format, self.frame_width, self.frame_height,
+                self.min_buffers, self.max_buffers, *self.crop, self.frame_rate,
+                len(planes), *flat]
+
+    def pack(self) -> bytes:
+        return PARAMS.pack(*self._fields())
+
+    def pack_ext(self) -> bytes:
+        return PARAMS_EXT.pack(*self._fields(), self.resource_type, 0)
+
+    @classmethod
+    def unpack(cls, data: bytes, offset: int = 0, ext: bool = False) -> Params:
+        v = (PARAMS_EXT if ext else PARAMS).unpack_from(data, offset)
+        num_planes = min(v[11], MAX_PLANES)
+        planes = [(v[12 + 2 * i], v[13 + 2 * i]) for i in range(num_planes)]
+        return cls(v[0], v[1], v[2], v[3], v[4], v[5], (v[6], v[7], v[8], v[9]), v[10],
+                   planes, v[28] if ext else MemType.GUEST_PAGES)
+
+
+def resource_queue_reply(timestamp: int, flags: int = 0, size: int = 0) -> bytes:
+    return RESOURCE_QUEUE_RESP.pack(Resp.OK_RESOURCE_QUEUE, 0, timestamp, flags, size)

@@ -41,6 +41,7 @@ class Chain:
     out_bufs: list[tuple[int, int]]
     in_bufs: list[tuple[int, int]]          # (gpa, length)
     owned: list[int] = field(default_factory=list)
+    token: int = 0                          # unique per queue: heads are reused
 
 
 @dataclass
@@ -66,6 +67,7 @@ class SplitQueue:
         self.avail_idx = 0
         self.last_used = 0
         self.inflight: dict[int, Chain] = {}
+        self.serial = 0
         dev.transport.setup_queue(index, size, self.desc, self.avail, self.used)
 
     # -- making chains available -----------------------------------------------
@@ -80,7 +82,8 @@ class SplitQueue:
             nxt = ids[i + 1] if i + 1 < len(ids) else 0
             mem.pack("<QIHH", self.desc + 16 * ids[i], addr, length, flags, nxt)
         chain = Chain(ids[0], ids, [(a, n) for a, n, w in descs if not w],
-                      [(a, n) for a, n, w in descs if w])
+                      [(a, n) for a, n, w in descs if w], token=self.serial)
+        self.serial += 1
         self.inflight[chain.head] = chain
         mem.pack("<H", self.avail + 4 + 2 * (self.avail_idx % self.size), chain.head)
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
