@@ -60,6 +60,13 @@ class DecodeSession:
     def reset(self) -> None:
         """Forget everything fed so far (QUEUE_CLEAR of the input queue)."""
 
+    @property
+    def size(self) -> tuple[int, int] | None:
+        """The stream's visible size once the headers were seen, else None.
+        Lets the device announce the resolution before the first picture
+        (which a reordering decoder may hold back)."""
+        return None
+
     def close(self) -> None:
         pass
 
@@ -217,6 +224,12 @@ class PyAVSession(DecodeSession):
     def reset(self) -> None:
         self.ctx.flush_buffers()
         self._open()
+
+    @property
+    def size(self) -> tuple[int, int] | None:
+        if self.ctx is not None and self.ctx.width and self.ctx.height:
+            return (self.ctx.width, self.ctx.height)
+        return None
 
     def close(self) -> None:
         self.ctx = None

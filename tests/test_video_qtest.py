@@ -3,13 +3,18 @@ in the ChromeOS driver's flow (tests/video_client.py)."""
 
 from __future__ import annotations
 
+import struct
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pyemb.video import protocol as p
 from tests.conftest import start
-from tests.video_client import VideoClient
+from tests.hostdriver import Machine
+from tests.streams import CODECS, encode, reference
+from tests.video_client import StreamRun, VideoClient
 
 VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors"
 CROSVM = VECTORS / "crosvm-test-25fps"
@@ -26,7 +31,7 @@ def frame_chunks(data: bytes, codec: str = "h264") -> list[bytes]:
 
 @pytest.fixture
 def video(transport):
-    m = start(transport, "virtio-video-py")
+    m = start(transport, "virtio-video-py", mem_mb=256)
     try:
         dev = m.find_virtio(p.DECODER_DEVICE_ID)
         dev.initialize(want_features=0b11)
@@ -44,3 +49,227 @@ def test_crosvm_vector_all_250_pictures_match(video):
     assert [pic.crc for pic in result.pictures] == expected
     assert all(flags == 0 for flags in result.input_flags)
     assert result.events[0] == (p.EventType.DECODER_RESOLUTION_CHANGED, 1)
+
+
+def ns(index: int) -> int:
+    return 1_000_000_000 + index * 40_000_000        # 25 fps in nanoseconds
+
+
+@pytest.mark.parametrize("codec", ["h264", "hevc", "vp8", "vp9", "mpeg2", "mpeg4"])
+def test_generated_streams_match_pyav_and_keep_timestamps(video, codec):
+    packets = encode(codec, 160, 96, 24)
+    chunks = [(data, ns(pts)) for data, pts in packets]
+    result = video.decode(1, CODECS[codec][0], chunks)
+    assert [pic.crc for pic in result.pictures] == reference(codec, [d for d, _ in packets])
+    # Pictures come out in display order, each with its own frame's timestamp,
+    # B-frames included.
+    assert [pic.timestamp for pic in result.pictures] == [ns(i) for i in range(24)]
+    kinds = {pic.flags for pic in result.pictures}
+    assert p.BufferFlag.IFRAME in kinds and p.BufferFlag.PFRAME in kinds
+    if codec in ("h264", "hevc", "mpeg2", "mpeg4"):
+        assert p.BufferFlag.BFRAME in kinds
+
+
+def test_odd_size_is_cropped_from_an_aligned_coded_size(video):
+    packets = encode("h264", 322, 242, 6)
+    result = video.decode(1, p.Format.H264, [(d, ns(pts)) for d, pts in packets])
+    assert {(pic.width, pic.height) for pic in result.pictures} == {(322, 242)}
+    assert [pic.crc for pic in result.pictures] == reference("h264", [d for d, _ in packets])
+
+
+def test_output_params_after_resolution_event(video):
+    packets = encode("h264", 322, 242, 2)
+    video.create_stream(1, p.Format.H264)
+    entries = video.alloc_entries(1 << 20, 1)
+    video.create_resource(1, p.QueueType.INPUT, 0, entries)
+    data = b"".join(d for d, _ in packets)
+    video.write_entries(entries, data)
+    token = video.queue(1, p.QueueType.INPUT, 0, 7, len(data))
+    video.wait(token)
+    deadline = time.monotonic() + 10
+    while not video.events:
+        video.poll()
+        assert time.monotonic() < deadline
+    assert video.events == [(p.EventType.DECODER_RESOLUTION_CHANGED, 1)]
+    params = video.get_params(1, p.QueueType.OUTPUT)
+    assert params.format == p.Format.NV12
+    assert (params.frame_width, params.frame_height) == (336, 256)
+    assert params.crop == (0, 0, 322, 242)
+    assert params.plane_formats == [(336 * 256, 336), (336 * 128, 336)]
+    assert params.min_buffers >= 1
+
+
+def test_resolution_change_midway(video):
+    first = encode("h264", 160, 96, 8)
+    second = encode("h264", 256, 144, 8, start=8)
+    chunks = [(d, ns(pts)) for d, pts in first] + [(d, ns(8 + pts)) for d, pts in second]
+    result = video.decode(1, p.Format.H264, chunks)
+    sizes = [(pic.width, pic.height) for pic in result.pictures]
+    assert sizes == [(160, 96)] * 8 + [(256, 144)] * 8
+    assert result.events.count((p.EventType.DECODER_RESOLUTION_CHANGED, 1)) == 2
+    expected = reference("h264", [d for d, _ in first] + [d for d, _ in second])
+    assert [pic.crc for pic in result.pictures] == expected
+
+
+def test_chunks_that_do_not_match_frame_boundaries(video):
+    data = (CROSVM / "test-25fps.h264").read_bytes()
+    expected = [int(c, 16) for c in (CROSVM / "test-25fps.crc").read_text().split()]
+    chunks = [(data[i:i + 7001], i) for i in range(0, len(data), 7001)]
+    result = video.decode(1, p.Format.H264, chunks)
+    assert [pic.crc for pic in result.pictures] == expected
+    # A picture carries the timestamp of the buffer that holds its first byte.
+    starts = [chunk for chunk, _ in enumerate(frame_chunks(data))]
+    assert len(starts) == 250
+    offsets, off = [], 0
+    for frame in frame_chunks(data):
+        offsets.append(off // 7001 * 7001)
+        off += len(frame)
+    assert sorted(pic.timestamp for pic in result.pictures) == sorted(offsets)
+
+
+def test_one_input_buffer_with_every_frame(video):
+    data = (CROSVM / "test-25fps.h264").read_bytes()
+    expected = [int(c, 16) for c in (CROSVM / "test-25fps.crc").read_text().split()]
+    result = video.decode(1, p.Format.H264, [(data, 42)])
+    assert [pic.crc for pic in result.pictures] == expected
+    assert {pic.timestamp for pic in result.pictures} == {42}
+
+
+def test_scatter_gather_output_buffers_and_i420(video):
+    packets = encode("vp9", 200, 120, 6)
+    chunks = [(d, ns(pts)) for d, pts in packets]
+    result = video.decode(1, p.Format.VP9, chunks, sg_chunks=7, output_format=p.Format.YUV420)
+    assert [pic.crc for pic in result.pictures] == reference(
+        "vp9", [d for d, _ in packets], p.Format.YUV420)
+
+
+def test_eight_streams_at_once(video):
+    runs = []
+    for sid, codec in enumerate(["h264", "vp8", "vp9", "hevc", "mpeg2", "mpeg4", "h264", "vp9"]):
+        packets = encode(codec, 128 + 16 * sid, 96, 10)
+        runs.append((codec, packets, StreamRun(video, sid + 1, CODECS[codec][0],
+                                               [(d, ns(pts)) for d, pts in packets],
+                                               input_buffers=2, output_buffers=4)))
+    results = video.run([run for _, _, run in runs])
+    for (codec, packets, _), result in zip(runs, results, strict=True):
+        assert [pic.crc for pic in result.pictures] == reference(codec, [d for d, _ in packets])
+
+
+def test_two_devices_in_one_qemu():
+    args = ["-device", "virtio-video-py-pci,addr=4", "-device", "virtio-video-py-pci,addr=5"]
+    with Machine.x86(args, mem_mb=256) as m:
+        devs = [d for d in m.virtio_devices() if d.device_id == p.DECODER_DEVICE_ID]
+        assert len(devs) == 2
+        packets = encode("h264", 160, 96, 10)
+        expected = reference("h264", [d for d, _ in packets])
+        for dev in devs:
+            dev.initialize(want_features=0b11)
+        clients = [VideoClient(m, dev) for dev in devs]
+        for client in clients:
+            result = client.decode(1, p.Format.H264, [(d, ns(pts)) for d, pts in packets])
+            assert [pic.crc for pic in result.pictures] == expected
+
+
+def test_corrupt_stream_fails_alone_and_others_keep_decoding(video):
+    good = encode("h264", 160, 96, 10)
+    rng = np.random.default_rng(1)
+    garbage = [(rng.integers(0, 256, 3000, np.uint8).tobytes(), i) for i in range(10)]
+    # Valid headers, then corrupt slices.
+    broken = [(good[0][0], 0)] + [(g[:1500] + d[1500:], i + 1) for i, (d, (g, _)) in
+                                  enumerate(zip([d for d, _ in good[1:]], garbage, strict=False))]
+    runs = [StreamRun(video, 1, p.Format.H264, garbage),
+            StreamRun(video, 2, p.Format.H264, broken),
+            StreamRun(video, 3, p.Format.H264, [(d, ns(pts)) for d, pts in good])]
+    results = video.run(runs)
+    # Nothing decodable at all: EVENT_ERROR for that stream, drain refused.
+    assert (p.EventType.ERROR, 1) in results[0].events
+    assert results[0].drain_status == p.Resp.ERR_INVALID_OPERATION
+    # Corrupt slices after good headers: decoded as far as possible, no hang.
+    assert results[1].drain_status == p.Resp.OK_NODATA
+    assert [pic.crc for pic in results[2].pictures] == reference("h264", [d for d, _ in good])
+    assert video.m.alive()
+
+
+def status_of(reply: bytes) -> int:
+    return p.HDR.unpack_from(reply)[0]
+
+
+def test_malformed_commands_get_protocol_errors(video):
+    v = video
+    assert status_of(v.call(p.HDR.pack(0x1FF, 0))) == p.Resp.ERR_INVALID_OPERATION
+    assert status_of(v.call(b"\x01")) == p.Resp.ERR_INVALID_PARAMETER
+    assert status_of(v.call(p.QUEUE_CMD.pack(p.Cmd.GET_PARAMS, 9, p.QueueType.INPUT))) \
+        == p.Resp.ERR_INVALID_STREAM_ID
+    create = p.STREAM_CREATE.pack(p.Cmd.STREAM_CREATE, 1, 0, 0, 0x7777, 0, b"")
+    assert status_of(v.call(create)) == p.Resp.ERR_INVALID_PARAMETER
+    v.create_stream(1, p.Format.H264)
+    again = p.STREAM_CREATE.pack(p.Cmd.STREAM_CREATE, 1, 0, 0, p.Format.H264, 0, b"")
+    assert status_of(v.call(again)) == p.Resp.ERR_INVALID_STREAM_ID
+    queue = p.RESOURCE_QUEUE.pack(p.Cmd.RESOURCE_QUEUE, 1, p.QueueType.INPUT, 5, 0, 1, 10,
+                                  *([0] * 7))
+    assert status_of(v.call(queue)) == p.Resp.ERR_INVALID_RESOURCE_ID
+    bad_queue = p.QUEUE_CMD.pack(p.Cmd.QUEUE_CLEAR, 1, 0x555)
+    assert status_of(v.call(bad_queue)) == p.Resp.ERR_INVALID_PARAMETER
+    assert status_of(v.call(p.SET_CONTROL.pack(p.Cmd.SET_CONTROL, 1, p.Control.BITRATE, 1))) \
+        == p.Resp.ERR_UNSUPPORTED_CONTROL
+    assert v.m.alive()
+
+
+@pytest.mark.parametrize("entries,why", [
+    ([(0x2000000, 0)], "zero length"),
+    ([(0x7FFF0000_0000, 4096)], "outside guest RAM"),
+    ([(0x2000000, 8192), (0x2001000, 4096)], "overlapping"),
+    ([(0x2000000 + 4096 * i, 16) for i in range(5000)], "too many"),
+])
+def test_bad_resource_entries_are_refused(video, entries, why):
+    video.create_stream(1, p.Format.H264)
+    base = video.m.ram_base
+    entries = [(base + a if a < 0x10000000 else a, n) for a, n in entries]
+    num = [len(entries)] + [0] * 7
+    cmd = p.RESOURCE_CREATE.pack(p.Cmd.RESOURCE_CREATE, 1, p.QueueType.INPUT, 0,
+                                 p.PlanesLayout.SINGLE_BUFFER, 1, *([0] * 8), *num)
+    body = b"".join(p.MEM_ENTRY.pack(a, n) for a, n in entries)
+    assert status_of(video.call(cmd, extra=body)) == p.Resp.ERR_INVALID_PARAMETER, why
+    assert status_of(video.call(p.QUEUE_CMD.pack(p.Cmd.GET_PARAMS, 1, p.QueueType.INPUT))) \
+        == p.Resp.OK_GET_PARAMS
+
+
+@pytest.mark.parametrize("command", ["QUEUE_CLEAR", "RESOURCE_DESTROY_ALL", "STREAM_DESTROY"])
+def test_clear_destroy_return_pending_buffers_with_err_first(video, command):
+    v = video
+    v.create_stream(1, p.Format.H264)
+    params = v.get_params(1, p.QueueType.OUTPUT)
+    params.resource_type = p.MemType.GUEST_PAGES
+    tokens = []
+    for rid in range(3):
+        v.create_resource(1, p.QueueType.OUTPUT, rid, v.alloc_entries(65536, 2))
+        tokens.append(v.queue(1, p.QueueType.OUTPUT, rid))
+    kind = getattr(p.Cmd, command)
+    cmd = (p.HDR.pack(kind, 1) if command == "STREAM_DESTROY"
+           else p.QUEUE_CMD.pack(kind, 1, p.QueueType.OUTPUT))
+    answer = v.submit(cmd)
+    deadline = time.monotonic() + 10
+    order = []
+    while len(order) < 4:
+        used = v.cmdq.poll()
+        if used is None:
+            assert time.monotonic() < deadline
+            continue
+        order.append(used.chain.token)
+        if used.chain.token != answer:
+            assert p.RESOURCE_QUEUE_RESP.unpack(used.data)[3] & p.BufferFlag.ERR
+    assert order[-1] == answer and sorted(order[:3]) == sorted(tokens)
+
+
+def test_profiles_and_levels(video):
+    q = p.QUERY_CONTROL.pack(p.Cmd.QUERY_CONTROL, 0, p.Control.PROFILE, p.Format.H264)
+    reply = video.call(q)
+    status, _, num = p.QUERY_CONTROL_RESP.unpack_from(reply)
+    values = struct.unpack_from(f"<{num}I", reply, p.QUERY_CONTROL_RESP.size)
+    assert status == p.Resp.OK_QUERY_CONTROL
+    assert 0x100 in values and 0x103 in values and 0x102 not in values   # no EXTENDED
+    q = p.QUERY_CONTROL.pack(p.Cmd.QUERY_CONTROL, 0, p.Control.LEVEL, p.Format.H264)
+    status, _, num = p.QUERY_CONTROL_RESP.unpack_from(video.call(q))
+    assert num == 15
+    q = p.QUERY_CONTROL.pack(p.Cmd.QUERY_CONTROL, 0, p.Control.LEVEL, p.Format.VP8)
+    assert status_of(video.call(q)) == p.Resp.ERR_UNSUPPORTED_CONTROL

@@ -150,80 +150,123 @@ class VideoClient:
 
     # -- the decode flow -----------------------------------------------------------------
     def decode(self, sid: int, coded: int, chunks: list[tuple[bytes, int]],
-               input_buffers: int = 4, output_buffers: int = 8, sg_chunks: int = 1,
-               timeout: float = 60.0) -> DecodeResult:
+               **kw) -> DecodeResult:
         """Feed ``chunks`` (data, timestamp), drain, return every picture."""
-        result = DecodeResult()
-        self.create_stream(sid, coded)
-        in_size = self.get_params(sid, p.QueueType.INPUT).plane_formats[0][0]
-        inputs = {rid: self.alloc_entries(in_size, 1) for rid in range(input_buffers)}
-        for rid, entries in inputs.items():
-            self.create_resource(sid, p.QueueType.INPUT, rid, entries)
-        free_inputs = list(inputs)
-        in_flight: dict[int, int] = {}          # head -> input rid
-        out_flight: dict[int, int] = {}         # head -> output rid
-        outputs: dict[int, list[tuple[int, int]]] = {}
-        out_params: p.Params | None = None
-        todo = list(chunks)
-        drain_head = None
-        next_out_rid = 100
+        return self.run([StreamRun(self, sid, coded, chunks, **kw)])[0]
+
+    def run(self, runs: list[StreamRun], timeout: float = 60.0) -> list[DecodeResult]:
+        """Decode several streams at once, interleaving their buffers."""
+        for run in runs:
+            run.start()
         deadline = time.monotonic() + timeout
-        while drain_head is None or result.drain_status is None:
+        while not all(run.finished for run in runs):
             assert time.monotonic() < deadline, "decode timed out"
-            while todo and free_inputs:
-                data, ts = todo.pop(0)
-                rid = free_inputs.pop(0)
-                self.write_entries(inputs[rid], data)
-                in_flight[self.queue(sid, p.QueueType.INPUT, rid, ts, len(data))] = rid
-            if not todo and not in_flight and drain_head is None:
-                drain_head = self.submit(p.HDR.pack(p.Cmd.STREAM_DRAIN, sid))
             self.poll()
-            for ev in self.events:
-                result.events.append(ev)
-                if ev == (p.EventType.DECODER_RESOLUTION_CHANGED, sid):
-                    if outputs:
-                        self.call_ok(p.QUEUE_CMD.pack(p.Cmd.QUEUE_CLEAR, sid,
-                                                      p.QueueType.OUTPUT))
-                        self.call_ok(p.QUEUE_CMD.pack(p.Cmd.RESOURCE_DESTROY_ALL, sid,
-                                                      p.QueueType.OUTPUT))
-                        for head in list(out_flight):
-                            self.wait(head)
-                        out_flight.clear()
-                        outputs.clear()
-                    out_params = self.get_params(sid, p.QueueType.OUTPUT)
-                    size = sum(s for s, _ in out_params.plane_formats)
-                    for _ in range(max(output_buffers, out_params.min_buffers)):
-                        rid = next_out_rid
-                        next_out_rid += 1
-                        outputs[rid] = self.alloc_entries(size, sg_chunks)
-                        self.create_resource(sid, p.QueueType.OUTPUT, rid, outputs[rid])
-                        out_flight[self.queue(sid, p.QueueType.OUTPUT, rid)] = rid
-                elif ev[1] == sid:
-                    raise AssertionError(f"unexpected event {ev}")
-            self.events.clear()
-            for head in [h for h in in_flight if h in self.done]:
-                _, _, ts, flags, _ = p.RESOURCE_QUEUE_RESP.unpack(self.done.pop(head).data)
-                result.input_flags.append(flags)
-                free_inputs.append(in_flight.pop(head))
-            for head in [h for h in out_flight if h in self.done]:
-                reply = self.done.pop(head).data
-                status, _, ts, flags, _ = p.RESOURCE_QUEUE_RESP.unpack(reply)
-                assert status == p.Resp.OK_RESOURCE_QUEUE, hex(status)
-                rid = out_flight.pop(head)
-                if flags & p.BufferFlag.EOS:
-                    result.eos_seen = True
-                    continue
-                assert out_params is not None and not result.eos_seen
-                pic = visible_nv12(self.read_entries(outputs[rid]), out_params,
-                                   out_params.format)
-                _, _, w, h = out_params.crop
-                result.pictures.append(Output(ts, flags, zlib.crc32(pic), w, h))
-                out_flight[self.queue(sid, p.QueueType.OUTPUT, rid)] = rid
-            if drain_head is not None and drain_head in self.done:
-                result.drain_status = p.HDR.unpack_from(self.done.pop(drain_head).data)[0]
-                assert result.eos_seen, "STREAM_DRAIN completed before the EOS buffer"
+            events, self.events = self.events, []
+            for run in runs:
+                run.step([ev for ev in events if ev[1] == run.sid])
             time.sleep(0.0002)
-        self.call_ok(p.HDR.pack(p.Cmd.STREAM_DESTROY, sid))
-        for head in list(in_flight) + list(out_flight):
-            self.wait(head)
-        return result
+        for run in runs:
+            run.destroy()
+        return [run.result for run in runs]
+
+
+class StreamRun:
+    """One stream through the ChromeOS flow, advanced by VideoClient.run."""
+
+    def __init__(self, client: VideoClient, sid: int, coded: int,
+                 chunks: list[tuple[bytes, int]], input_buffers: int = 4,
+                 output_buffers: int = 8, sg_chunks: int = 1,
+                 output_format: int = p.Format.NV12) -> None:
+        self.c, self.sid, self.coded = client, sid, coded
+        self.todo = list(chunks)
+        self.input_buffers, self.output_buffers = input_buffers, output_buffers
+        self.sg_chunks, self.output_format = sg_chunks, output_format
+        self.result = DecodeResult()
+        self.in_flight: dict[int, int] = {}         # token -> input rid
+        self.out_flight: dict[int, int] = {}        # token -> output rid
+        self.outputs: dict[int, list[tuple[int, int]]] = {}
+        self.out_params: p.Params | None = None
+        self.drain_token: int | None = None
+        self.next_out_rid = 100
+        self.finished = False
+
+    def start(self) -> None:
+        c = self.c
+        c.create_stream(self.sid, self.coded)
+        if self.output_format != p.Format.NV12:
+            params = c.get_params(self.sid, p.QueueType.OUTPUT)
+            params.format = self.output_format
+            c.set_params(self.sid, params)
+        in_size = c.get_params(self.sid, p.QueueType.INPUT).plane_formats[0][0]
+        self.inputs = {rid: c.alloc_entries(in_size, 1) for rid in range(self.input_buffers)}
+        for rid, entries in self.inputs.items():
+            c.create_resource(self.sid, p.QueueType.INPUT, rid, entries)
+        self.free_inputs = list(self.inputs)
+
+    def step(self, events: list[tuple[int, int]]) -> None:
+        c, sid, result = self.c, self.sid, self.result
+        while self.todo and self.free_inputs:
+            data, ts = self.todo.pop(0)
+            rid = self.free_inputs.pop(0)
+            c.write_entries(self.inputs[rid], data)
+            self.in_flight[c.queue(sid, p.QueueType.INPUT, rid, ts, len(data))] = rid
+        if not self.todo and not self.in_flight and self.drain_token is None:
+            self.drain_token = c.submit(p.HDR.pack(p.Cmd.STREAM_DRAIN, sid))
+        for token in [t for t in self.in_flight if t in c.done]:
+            _, _, ts, flags, _ = p.RESOURCE_QUEUE_RESP.unpack(c.done.pop(token).data)
+            result.input_flags.append(flags)
+            self.free_inputs.append(self.in_flight.pop(token))
+        for token in [t for t in self.out_flight if t in c.done]:
+            self.take_output(token, c.done.pop(token).data, requeue=True)
+        # Pictures returned before an event belong to the old geometry.
+        for ev in events:
+            result.events.append(ev)
+            if ev[0] == p.EventType.DECODER_RESOLUTION_CHANGED:
+                self.reallocate_outputs()
+        if self.drain_token is not None and self.drain_token in c.done:
+            result.drain_status = p.HDR.unpack_from(c.done.pop(self.drain_token).data)[0]
+            if result.drain_status == p.Resp.OK_NODATA:
+                assert result.eos_seen, "STREAM_DRAIN completed before the EOS buffer"
+            self.finished = True
+
+    def take_output(self, token: int, reply: bytes, requeue: bool) -> None:
+        status, _, ts, flags, _ = p.RESOURCE_QUEUE_RESP.unpack(reply)
+        assert status == p.Resp.OK_RESOURCE_QUEUE, hex(status)
+        rid = self.out_flight.pop(token)
+        if flags & p.BufferFlag.ERR:
+            return
+        if flags & p.BufferFlag.EOS:
+            self.result.eos_seen = True
+            return
+        assert self.out_params is not None and not self.result.eos_seen
+        pic = visible_nv12(self.c.read_entries(self.outputs[rid]), self.out_params,
+                           self.out_params.format)
+        _, _, w, h = self.out_params.crop
+        self.result.pictures.append(Output(ts, flags, zlib.crc32(pic), w, h))
+        if requeue:
+            self.out_flight[self.c.queue(self.sid, p.QueueType.OUTPUT, rid)] = rid
+
+    def reallocate_outputs(self) -> None:
+        c, sid = self.c, self.sid
+        if self.outputs:
+            c.call_ok(p.QUEUE_CMD.pack(p.Cmd.QUEUE_CLEAR, sid, p.QueueType.OUTPUT))
+            c.call_ok(p.QUEUE_CMD.pack(p.Cmd.RESOURCE_DESTROY_ALL, sid, p.QueueType.OUTPUT))
+            for token in list(self.out_flight):
+                # ERR if the clear took it back; a picture if it came first.
+                self.take_output(token, c.wait(token), requeue=False)
+            self.outputs.clear()
+        self.out_params = c.get_params(sid, p.QueueType.OUTPUT)
+        size = sum(s for s, _ in self.out_params.plane_formats)
+        for _ in range(max(self.output_buffers, self.out_params.min_buffers)):
+            rid = self.next_out_rid
+            self.next_out_rid += 1
+            self.outputs[rid] = c.alloc_entries(size, self.sg_chunks)
+            c.create_resource(sid, p.QueueType.OUTPUT, rid, self.outputs[rid])
+            self.out_flight[c.queue(sid, p.QueueType.OUTPUT, rid)] = rid
+
+    def destroy(self) -> None:
+        c = self.c
+        c.call_ok(p.HDR.pack(p.Cmd.STREAM_DESTROY, self.sid))
+        for token in list(self.in_flight) + list(self.out_flight):
+            c.wait(token)

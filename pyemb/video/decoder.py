@@ -230,6 +230,11 @@ class DecoderStream:
                 self.pictures.extend(pictures)
                 if flush:
                     self.eos_pending = True
+                size = self.session.size
+                if self.geometry is None and not self.pictures and size is not None:
+                    # Headers seen, no picture out yet (a reordering decoder
+                    # holds the first ones back): announce the size now.
+                    self._change_resolution(*size)
             self._deliver()
         return True
 
@@ -246,6 +251,13 @@ class DecoderStream:
             self.pictures.popleft()
             size = self._write_picture(pic, out.resource)
             buffer_done(out.request, out.resource, pic.timestamp, pic.flags, size)
+        if self.eos_pending and self.geometry is None:
+            # Drained without ever finding a picture: nothing to decode here.
+            self.eos_pending = False
+            self.send_event(p.EventType.ERROR, self.id)
+            if self.drain is not None:
+                reply(self.drain, p.reply(p.Resp.ERR_INVALID_OPERATION, self.id))
+                self.drain = None
         if self.eos_pending and not self.pictures and self.outputs:
             out = self.outputs.popleft()
             buffer_done(out.request, out.resource, 0, p.BufferFlag.EOS)

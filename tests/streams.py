@@ -1,0 +1,90 @@
+"""Every test stream is made here, with PyAV's encoders, and decoded here
+the reference way (PyAV directly) for comparison."""
+
+from __future__ import annotations
+
+import zlib
+from fractions import Fraction
+from functools import cache
+
+import av
+import numpy as np
+
+from pyemb.video import protocol as p
+
+# virtio-video coded format -> (PyAV encoder, FFmpeg decoder, splits at any byte)
+CODECS = {
+    "h264": (p.Format.H264, "libx264", "h264", True),
+    "hevc": (p.Format.HEVC, "libx265", "hevc", True),
+    "vp8": (p.Format.VP8, "libvpx", "vp8", False),
+    "vp9": (p.Format.VP9, "libvpx-vp9", "vp9", False),
+    "mpeg2": (p.Format.MPEG2, "mpeg2video", "mpeg2video", True),
+    "mpeg4": (p.Format.MPEG4, "mpeg4", "mpeg4", True),
+}
+
+ENCODER_OPTIONS = {
+    "libx264": {"preset": "veryfast"},
+    "libx265": {"preset": "ultrafast", "x265-params": "log-level=error:bframes=2"},
+    "libvpx": {"deadline": "realtime", "cpu-used": "8"},
+    "libvpx-vp9": {"deadline": "realtime", "cpu-used": "8"},
+}
+
+
+def picture(width: int, height: int, index: int) -> av.VideoFrame:
+    """A moving pattern, so that every picture differs."""
+    y = (np.add.outer(np.arange(height), np.arange(width)) * 2 + index * 7) % 256
+    u = np.full(((height + 1) // 2, (width + 1) // 2), (index * 13) % 256)
+    v = np.full_like(u, (255 - index * 5) % 256)
+    frame = av.VideoFrame(width, height, "yuv420p")
+    for plane, data in zip(frame.planes, (y, u, v), strict=True):
+        rows = np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)
+        h, w = data.shape
+        rows[:h, :w] = data.astype(np.uint8)
+    return frame
+
+
+@cache
+def encode(codec: str, width: int, height: int, frames: int, bframes: int = 2,
+           start: int = 0) -> tuple[tuple[bytes, int], ...]:
+    """Encoded packets in decode order, each with its display index (pts)."""
+    _, encoder, _, _ = CODECS[codec]
+    ctx = av.CodecContext.create(encoder, "w")
+    ctx.width, ctx.height, ctx.pix_fmt = width, height, "yuv420p"
+    ctx.time_base = Fraction(1, 25)
+    ctx.framerate = Fraction(25, 1)
+    ctx.gop_size = 12
+    if codec in ("h264", "mpeg2", "mpeg4"):
+        ctx.max_b_frames = bframes
+    ctx.options = ENCODER_OPTIONS.get(encoder, {})
+    packets = []
+    for i in range(frames):
+        frame = picture(width, height, start + i)
+        frame.pts = i
+        packets += [(bytes(pkt), pkt.pts) for pkt in ctx.encode(frame)]
+    packets += [(bytes(pkt), pkt.pts) for pkt in ctx.encode(None)]
+    return tuple(packets)
+
+
+def visible(frame: av.VideoFrame, fmt: int = p.Format.NV12) -> bytes:
+    name = "nv12" if fmt == p.Format.NV12 else "yuv420p"
+    f = frame.reformat(format=name)
+    w, h = f.width, f.height
+    cw, ch = (w + 1) // 2, (h + 1) // 2
+    shapes = [(h, w), (ch, 2 * cw)] if name == "nv12" else [(h, w), (ch, cw), (ch, cw)]
+    out = b""
+    for plane, (rows, row_bytes) in zip(f.planes, shapes, strict=True):
+        a = np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)
+        out += a[:rows, :row_bytes].tobytes()
+    return out
+
+
+def reference(codec: str, chunks: list[bytes], fmt: int = p.Format.NV12) -> list[int]:
+    """CRC-32 of each picture, decoding ``chunks`` with PyAV directly."""
+    _, _, decoder, _ = CODECS[codec]
+    ctx = av.CodecContext.create(decoder, "r")
+    crcs = []
+    for chunk in [*chunks, None]:
+        for pkt in ctx.parse(chunk):
+            crcs += [zlib.crc32(visible(f, fmt)) for f in ctx.decode(pkt)]
+    crcs += [zlib.crc32(visible(f, fmt)) for f in ctx.decode(None)]
+    return crcs
