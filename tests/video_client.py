@@ -224,6 +224,9 @@ class StreamRun:
             result.events.append(ev)
             if ev[0] == p.EventType.DECODER_RESOLUTION_CHANGED:
                 self.reallocate_outputs()
+        # Replies that arrived while reallocating come before the drain's.
+        for token in [t for t in self.out_flight if t in c.done]:
+            self.take_output(token, c.done.pop(token).data, requeue=True)
         if self.drain_token is not None and self.drain_token in c.done:
             result.drain_status = p.HDR.unpack_from(c.done.pop(self.drain_token).data)[0]
             if result.drain_status == p.Resp.OK_NODATA:
