@@ -23,6 +23,7 @@ class Output:
     crc: int
     width: int
     height: int
+    data: bytes = b""            # the visible picture, when the run keeps them
 
 
 @dataclass
@@ -177,11 +178,12 @@ class StreamRun:
     def __init__(self, client: VideoClient, sid: int, coded: int,
                  chunks: list[tuple[bytes, int]], input_buffers: int = 4,
                  output_buffers: int = 8, sg_chunks: int = 1,
-                 output_format: int = p.Format.NV12) -> None:
+                 output_format: int = p.Format.NV12, keep_pictures: bool = False) -> None:
         self.c, self.sid, self.coded = client, sid, coded
         self.todo = list(chunks)
         self.input_buffers, self.output_buffers = input_buffers, output_buffers
         self.sg_chunks, self.output_format = sg_chunks, output_format
+        self.keep_pictures = keep_pictures
         self.result = DecodeResult()
         self.in_flight: dict[int, int] = {}         # token -> input rid
         self.out_flight: dict[int, int] = {}        # token -> output rid
@@ -246,7 +248,8 @@ class StreamRun:
         pic = visible_nv12(self.c.read_entries(self.outputs[rid]), self.out_params,
                            self.out_params.format)
         _, _, w, h = self.out_params.crop
-        self.result.pictures.append(Output(ts, flags, zlib.crc32(pic), w, h))
+        self.result.pictures.append(Output(ts, flags, zlib.crc32(pic), w, h,
+                                           pic if self.keep_pictures else b""))
         if requeue:
             self.out_flight[self.c.queue(self.sid, p.QueueType.OUTPUT, rid)] = rid
 
