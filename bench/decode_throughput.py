@@ -1,0 +1,130 @@
+"""H.264 decoding through the whole virtio-video-py path vs PyAV directly.
+
+Device path: the host-side driver feeds frame-sized input buffers through
+qtest and shared guest RAM, QEMU hands them to the Python device model, the
+stream's worker decodes with PyAV and writes NV12 into guest output buffers.
+References, measured in the same run on the same stream with the same
+decoder threads: PyAV decoding directly (to frames, and to NV12 as the device
+must), and the ffmpeg CLI when one is installed (`make bench` installs
+Debian's; its FFmpeg is older than PyAV's).  Prints frames per second and
+the ratios.  Target: device >= 0.95 x PyAV direct (to NV12).
+
+    .venv/bin/python -m bench.decode_throughput [--frames 150] [--repeat 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+
+import av
+
+from pyemb.video import protocol as p
+from tests.hostdriver import Machine
+from tests.streams import encode
+from tests.video_client import StreamRun, VideoClient
+
+
+def frames_of(data: bytes) -> list[bytes]:
+    ctx = av.CodecContext.create("h264", "r")
+    return [bytes(pkt) for pkt in [*ctx.parse(data), *ctx.parse(None)] if pkt.size]
+
+
+def pyav_direct(frames: list[bytes], to_nv12: bool) -> float:
+    ctx = av.CodecContext.create("h264", "r")
+    ctx.thread_type = "AUTO"
+    ctx.thread_count = 0
+    n = 0
+    t0 = time.perf_counter()
+    for chunk in [*frames, None]:
+        for pkt in ctx.parse(chunk):
+            for frame in ctx.decode(pkt):
+                if to_nv12:
+                    frame.reformat(format="nv12", threads=1)
+                n += 1
+    for frame in ctx.decode(None):
+        if to_nv12:
+            frame.reformat(format="nv12", threads=1)
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def device(client: VideoClient, sid: int, frames: list[bytes]) -> float:
+    run = StreamRun(client, sid, p.Format.H264, [(f, i) for i, f in enumerate(frames)],
+                    input_buffers=8, output_buffers=12, read_pictures=False)
+    t0 = time.perf_counter()
+    result = client.run([run], poll_interval=0.002)[0]
+    elapsed = time.perf_counter() - t0
+    assert len(result.pictures) == len(frames)
+    return len(result.pictures) / elapsed
+
+
+def ffmpeg_cli(data: bytes) -> float | None:
+    exe = shutil.which("ffmpeg")
+    if exe is None:
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".h264") as f:
+        f.write(data)
+        f.flush()
+        cmd = [exe, "-v", "error", "-threads", "0", "-i", f.name, "-f", "null", "-"]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True)
+        elapsed = time.perf_counter() - t0
+    return len(frames_of(data)) / elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--frames", type=int, default=150)
+    ap.add_argument("--repeat", type=int, default=2)
+    args = ap.parse_args()
+    with Machine.x86(["-device", "virtio-video-py-pci"], mem_mb=1024) as m:
+        dev = m.find_virtio(p.DECODER_DEVICE_ID)
+        dev.initialize(want_features=0b11)
+        client = VideoClient(m, dev)
+        sid = 1
+        for width, height in ((1280, 720), (1920, 1080)):
+            data = b"".join(d for d, _ in encode("h264", width, height, args.frames))
+            frames = frames_of(data)
+            fps: dict[str, list[float]] = {"direct": [], "nv12": [], "device": [], "cli": []}
+            for _ in range(args.repeat):          # interleaved, best of each
+                fps["direct"].append(pyav_direct(frames, to_nv12=False))
+                fps["nv12"].append(pyav_direct(frames, to_nv12=True))
+                fps["device"].append(device(client, sid, frames))
+                sid += 1
+                cli = ffmpeg_cli(data)
+                if cli is not None:
+                    fps["cli"].append(cli)
+            best = {k: max(v) for k, v in fps.items() if v}
+            print(f"{width}x{height} H.264, {len(frames)} frames, best of {args.repeat}:")
+            print(f"  PyAV direct, frames:        {best['direct']:7.1f} fps")
+            print(f"  PyAV direct, to NV12:       {best['nv12']:7.1f} fps")
+            print(f"  virtio-video-py (device):   {best['device']:7.1f} fps")
+            if "cli" in best:
+                print(f"  ffmpeg CLI ({av_version_cli()}): {best['cli']:7.1f} fps")
+            print(f"  device / PyAV direct NV12:  {best['device'] / best['nv12']:.3f}")
+            print(f"  device / PyAV direct:       {best['device'] / best['direct']:.3f}")
+            if "cli" in best:
+                print(f"  device / ffmpeg CLI:        {best['device'] / best['cli']:.3f}")
+        times = []
+        for _ in range(500):
+            t0 = time.perf_counter()
+            client.call(p.QUERY_CONTROL.pack(p.Cmd.QUERY_CONTROL, 0, p.Control.LEVEL,
+                                             p.Format.H264))
+            times.append(time.perf_counter() - t0)
+        print(f"synchronous command round trip (QUERY_CONTROL), median: "
+              f"{statistics.median(times) * 1e6:.0f} us (host driver and qtest included; "
+              "see bench.control_roundtrip for the shim's own share)")
+
+
+def av_version_cli() -> str:
+    out = subprocess.run(["ffmpeg", "-version"], capture_output=True, text=True).stdout
+    return out.split()[2] if out else "?"
+
+
+if __name__ == "__main__":
+    main()
