@@ -61,6 +61,12 @@ class DecodeSession:
         """Forget everything fed so far (QUEUE_CLEAR of the input queue)."""
 
     @property
+    def profile_level(self) -> tuple[int | None, int | None]:
+        """The stream's PROFILE and LEVEL control values once its headers
+        were seen (None where unknown)."""
+        return None, None
+
+    @property
     def size(self) -> tuple[int, int] | None:
         """The stream's visible size once the headers were seen, else None.
         Lets the device announce the resolution before the first picture
@@ -138,6 +144,20 @@ PROFILES = {
 LEVELS = {Format.H264: tuple(range(0x100, 0x10F))}
 
 PICT_FLAGS = {1: BufferFlag.IFRAME, 2: BufferFlag.PFRAME, 3: BufferFlag.BFRAME}
+
+# FFmpeg's profile names -> virtio-video PROFILE values.
+PROFILE_NAMES = {
+    "h264": {"Baseline": 0x100, "Constrained Baseline": 0x100, "Main": 0x101,
+             "Extended": 0x102, "High": 0x103, "High 10": 0x104, "High 4:2:2": 0x105,
+             "High 4:4:4 Predictive": 0x106},
+    "hevc": {"Main": 0x200, "Main 10": 0x201, "Main Still Picture": 0x202},
+    "vp9": {f"Profile {i}": 0x400 + i for i in range(4)},
+    "vp8": {},
+}
+# H.264 level_idc -> virtio-video LEVEL values (1.0 .. 5.1)
+H264_LEVELS = {10: 0x100, 11: 0x101, 12: 0x102, 13: 0x103, 20: 0x104, 21: 0x105, 22: 0x106,
+               30: 0x107, 31: 0x108, 32: 0x109, 40: 0x10A, 41: 0x10B, 42: 0x10C, 50: 0x10D,
+               51: 0x10E}
 
 
 class PyAVPicture(Picture):
@@ -224,6 +244,15 @@ class PyAVSession(DecodeSession):
     def reset(self) -> None:
         self.ctx.flush_buffers()
         self._open()
+
+    @property
+    def profile_level(self) -> tuple[int | None, int | None]:
+        if self.ctx is None:
+            return None, None
+        profile = PROFILE_NAMES.get(self.codec_name, {}).get(self.ctx.profile or "")
+        level = (H264_LEVELS.get(getattr(self.ctx, "level", -1))
+                 if self.codec_name == "h264" else None)
+        return profile, level
 
     @property
     def size(self) -> tuple[int, int] | None:

@@ -273,3 +273,17 @@ def test_profiles_and_levels(video):
     assert num == 15
     q = p.QUERY_CONTROL.pack(p.Cmd.QUERY_CONTROL, 0, p.Control.LEVEL, p.Format.VP8)
     assert status_of(video.call(q)) == p.Resp.ERR_UNSUPPORTED_CONTROL
+
+
+def test_get_control_reports_the_stream_profile_and_level(video):
+    packets = encode("h264", 160, 96, 4)          # x264: High profile, level 1.1
+    video.create_stream(1, p.Format.H264)
+    entries = video.alloc_entries(1 << 20, 1)
+    video.create_resource(1, p.QueueType.INPUT, 0, entries)
+    data = b"".join(d for d, _ in packets)
+    video.write_entries(entries, data)
+    video.wait(video.queue(1, p.QueueType.INPUT, 0, 0, len(data)))
+    get = p.GET_CONTROL.pack(p.Cmd.GET_CONTROL, 1, p.Control.PROFILE)
+    assert p.GET_CONTROL_RESP.unpack(video.call(get))[2] == 0x103
+    get = p.GET_CONTROL.pack(p.Cmd.GET_CONTROL, 1, p.Control.LEVEL)
+    assert p.GET_CONTROL_RESP.unpack(video.call(get))[2] == 0x101

@@ -343,8 +343,13 @@ class VideoDevice(DeviceModel):
                   else self.backend.levels(coded) if control == p.Control.LEVEL else [])
         if not values:
             raise ProtocolError(p.Resp.ERR_UNSUPPORTED_CONTROL, f"control {control}")
-        # A decoder follows the stream; report the most common profile/level it can take.
-        return p.GET_CONTROL_RESP.pack(p.Resp.OK_GET_CONTROL, stream.id, values[0])
+        # A decoder follows the bitstream: what its headers said, once seen;
+        # before that, the first value it supports.
+        with stream.lock:
+            profile, level = stream.session.profile_level
+        seen = profile if control == p.Control.PROFILE else level
+        return p.GET_CONTROL_RESP.pack(p.Resp.OK_GET_CONTROL, stream.id,
+                                       seen if seen is not None else values[0])
 
     def set_control(self, command: bytes, request: Request) -> bytes:
         need(command, p.SET_CONTROL.size, "SET_CONTROL")
