@@ -30,9 +30,13 @@ ENCODER_OPTIONS = {
 }
 
 
-def picture(width: int, height: int, index: int) -> av.VideoFrame:
-    """A moving pattern, so that every picture differs."""
+def picture(width: int, height: int, index: int, noise: int = 0) -> av.VideoFrame:
+    """A moving pattern, so that every picture differs; ``noise`` adds
+    camera-like grain (and so bits and decoding work) of that amplitude."""
     y = (np.add.outer(np.arange(height), np.arange(width)) * 2 + index * 7) % 256
+    if noise:
+        grain = np.random.default_rng(index).integers(-noise, noise + 1, y.shape)
+        y = np.clip(y + grain, 0, 255)
     u = np.full(((height + 1) // 2, (width + 1) // 2), (index * 13) % 256)
     v = np.full_like(u, (255 - index * 5) % 256)
     frame = av.VideoFrame(width, height, "yuv420p")
@@ -45,7 +49,7 @@ def picture(width: int, height: int, index: int) -> av.VideoFrame:
 
 @cache
 def encode(codec: str, width: int, height: int, frames: int, bframes: int = 2,
-           start: int = 0) -> tuple[tuple[bytes, int], ...]:
+           start: int = 0, noise: int = 0) -> tuple[tuple[bytes, int], ...]:
     """Encoded packets in decode order, each with its display index (pts)."""
     _, encoder, _, _ = CODECS[codec]
     ctx = av.CodecContext.create(encoder, "w")
@@ -58,7 +62,7 @@ def encode(codec: str, width: int, height: int, frames: int, bframes: int = 2,
     ctx.options = ENCODER_OPTIONS.get(encoder, {})
     packets = []
     for i in range(frames):
-        frame = picture(width, height, start + i)
+        frame = picture(width, height, start + i, noise)
         frame.pts = i
         packets += [(bytes(pkt), pkt.pts) for pkt in ctx.encode(frame)]
     packets += [(bytes(pkt), pkt.pts) for pkt in ctx.encode(None)]

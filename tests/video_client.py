@@ -162,7 +162,8 @@ class VideoClient:
         used rings (it has no interrupt to sleep on; a benchmark raises it so
         that the driver does not eat the CPU the decoder needs)."""
         for run in runs:
-            run.start()
+            if not run.started:
+                run.start()
         deadline = time.monotonic() + timeout
         while not all(run.finished for run in runs):
             assert time.monotonic() < deadline, "decode timed out"
@@ -197,8 +198,11 @@ class StreamRun:
         self.drain_token: int | None = None
         self.next_out_rid = 100
         self.finished = False
+        self.started = False
 
     def start(self) -> None:
+        """Create the stream and its input resources."""
+        self.started = True
         c = self.c
         c.create_stream(self.sid, self.coded)
         if self.output_format != p.Format.NV12:

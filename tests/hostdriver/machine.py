@@ -41,10 +41,12 @@ class Machine:
     """One QEMU process; a context manager."""
 
     def __init__(self, arch: str, args: list[str], mem_mb: int = 128,
-                 env: dict[str, str | None] | None = None, cwd: str | None = None) -> None:
+                 env: dict[str, str | None] | None = None, cwd: str | None = None,
+                 prealloc: bool = False) -> None:
         self.arch = arch
         self.binary, self.machine_type, self.ram_base, bar_base = ARCHES[arch]
         self.args, self.mem_mb, self.env, self.cwd = args, mem_mb, env, cwd
+        self.prealloc = prealloc        # fault guest RAM in at start, like -mem-prealloc
         self.bar_window = [bar_base]
         self.next_msix_area = self.ram_base + 0x10000
         self.proc: subprocess.Popen | None = None
@@ -83,7 +85,8 @@ class Machine:
             "-qmp", f"unix:{qmp_path}",
             "-display", "none", "-nodefaults", "-m", f"{self.mem_mb}M",
             "-object", f"memory-backend-file,id=ram,size={self.mem_mb}M,"
-                       f"mem-path={self.ram_path},share=on",
+                       f"mem-path={self.ram_path},share=on"
+                       + (",prealloc=on" if self.prealloc else ""),
             *self.args,
         ]
         env = dict(os.environ)
