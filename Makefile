@@ -25,7 +25,9 @@ lint:
 	$(PYTHON) -m ruff check pyemb tests bench
 
 bench: build
+	bash ci/setup-bench.sh
 	$(PYTHON) -m bench.control_roundtrip
+	$(PYTHON) -m bench.decode_throughput
 
 clean:
 	rm -rf build .venv

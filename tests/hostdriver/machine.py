@@ -65,6 +65,16 @@ class Machine:
 
     # -- lifecycle -----------------------------------------------------------------
     def start(self) -> Machine:
+        try:
+            return self._start()
+        except BaseException:
+            # Never leave a QEMU behind, whatever went wrong.
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            raise
+
+    def _start(self) -> Machine:
         self.tmp = tempfile.mkdtemp(prefix="pyemb-test-")
         self.ram_path = tempfile.mktemp(prefix="pyemb-ram-", dir="/dev/shm")
         size = self.mem_mb << 20
@@ -110,10 +120,7 @@ class Machine:
         except (OSError, QMPError):
             # QEMU connects its sockets before it creates devices: a device
             # that fails to realize shows up here as a closed socket.
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                raise
+            self.proc.wait(10)
             raise QemuExited(self.proc.returncode, self.stderr()) from None
         fd = os.open(self.ram_path, os.O_RDWR)
         self.mm = mmap.mmap(fd, size)
