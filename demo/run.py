@@ -15,6 +15,7 @@ from pathlib import Path
 from pyemb.snd import protocol as snd
 from pyemb.video import protocol as video
 from tests.hostdriver import Machine, VirtioDevice
+from tests.streams import shared_dir
 from tests.video_client import StreamRun, VideoClient
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +71,7 @@ def decode_clip(m: Machine, dev: VirtioDevice, out_dir: Path) -> None:
     import av
     import numpy as np
 
-    clip = REPO.parent / "shared" / "vectors" / "crosvm-test-25fps" / "test-25fps.h264"
+    clip = shared_dir() / "vectors" / "crosvm-test-25fps" / "test-25fps.h264"
     data = clip.read_bytes()
     ctx = av.CodecContext.create("h264", "r")
     frames = [bytes(pkt) for pkt in [*ctx.parse(data), *ctx.parse(None)]]

@@ -3,14 +3,28 @@ the reference way (PyAV directly) for comparison."""
 
 from __future__ import annotations
 
+import os
 import zlib
 from fractions import Fraction
 from functools import cache
+from pathlib import Path
 
 import av
 import numpy as np
 
 from pyemb.video import protocol as p
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_dir() -> Path:
+    """The team's shared/ folder: $PYEMB_SHARED, or beside the checkout (as
+    CI and every session have it)."""
+    for candidate in (os.environ.get("PYEMB_SHARED"), REPO.parent / "shared"):
+        if candidate and (Path(candidate) / "vectors").is_dir():
+            return Path(candidate)
+    raise FileNotFoundError(f"no shared/vectors beside {REPO}; set PYEMB_SHARED")
+
 
 # virtio-video coded format -> (PyAV encoder, FFmpeg decoder, splits at any byte)
 CODECS = {

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import struct
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,11 +12,10 @@ import pytest
 from pyemb.video import protocol as p
 from tests.conftest import start
 from tests.hostdriver import Machine
-from tests.streams import CODECS, encode, reference
+from tests.streams import CODECS, encode, reference, shared_dir
 from tests.video_client import StreamRun, VideoClient
 
-VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors"
-CROSVM = VECTORS / "crosvm-test-25fps"
+CROSVM = shared_dir() / "vectors" / "crosvm-test-25fps"
 
 
 def frame_chunks(data: bytes, codec: str = "h264") -> list[bytes]:
