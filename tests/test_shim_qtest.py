@@ -12,7 +12,7 @@ import time
 import pytest
 
 from pyemb.video import protocol as video
-from tests.conftest import REPO, command, start
+from tests.conftest import command, start
 from tests.hostdriver import Machine, QemuExited
 from tests.hostdriver.machine import QEMU_DIR
 
@@ -204,6 +204,14 @@ def test_qemu_exits_cleanly_with_requests_held_and_a_thread_running(probe):
     assert "error" not in m.exit_stderr.lower(), m.exit_stderr
 
 
+def expected_venv() -> str:
+    """$PYEMB_VENV, else what build/qemu/pyemb.conf names."""
+    if os.environ.get("PYEMB_VENV"):
+        return os.environ["PYEMB_VENV"]
+    conf = (QEMU_DIR / "pyemb.conf").read_text()
+    return next(line[5:] for line in conf.splitlines() if line.startswith("venv="))
+
+
 def test_devices_share_one_interpreter_from_the_venv():
     args = []
     for i in range(2):
@@ -217,8 +225,7 @@ def test_devices_share_one_interpreter_from_the_venv():
             dev.initialize()
             answers.add(command(dev, "interpreter"))
         assert len(answers) == 1
-        venv = os.environ.get("PYEMB_VENV") or str(REPO / ".venv")
-        assert os.path.realpath(answers.pop().split()[1]) == os.path.realpath(venv)
+        assert os.path.realpath(answers.pop().split()[1]) == os.path.realpath(expected_venv())
 
 
 def test_hung_backend_thread_does_not_hang_qemu_exit(probe):

@@ -166,7 +166,8 @@ class VideoClient:
                 run.start()
         deadline = time.monotonic() + timeout
         while not all(run.finished for run in runs):
-            assert time.monotonic() < deadline, "decode timed out"
+            assert time.monotonic() < deadline, "decode timed out: " + "; ".join(
+                run.state() for run in runs if not run.finished)
             self.poll()
             events, self.events = self.events, []
             for run in runs:
@@ -243,6 +244,14 @@ class StreamRun:
             if result.drain_status == p.Resp.OK_NODATA:
                 assert result.eos_seen, "STREAM_DRAIN completed before the EOS buffer"
             self.finished = True
+
+    def state(self) -> str:
+        r = self.result
+        return (f"stream {self.sid}: {len(self.todo)} chunks to send, {len(self.in_flight)} "
+                f"inputs and {len(self.out_flight)} outputs queued, {len(r.pictures)} pictures, "
+                f"events {r.events}, drain sent {self.drain_token is not None}, "
+                f"eos {r.eos_seen}, used ring idx {self.c.m.mem.u16(self.c.cmdq.used + 2)}, "
+                f"driver's last_used {self.c.cmdq.last_used}")
 
     def take_output(self, token: int, reply: bytes, requeue: bool) -> None:
         status, _, ts, flags, _ = p.RESOURCE_QUEUE_RESP.unpack(reply)

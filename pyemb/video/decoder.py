@@ -180,7 +180,20 @@ class DecoderStream:
     def _has_work(self) -> bool:
         if self.stopped or self.reset_pending or self.inputs or self.flush_pending:
             return True
-        return bool(self.outputs) and (bool(self.pictures) or self.eos_pending)
+        return self._can_deliver()
+
+    def _can_deliver(self) -> bool:
+        """Whether _deliver would make progress (so the worker never spins)."""
+        if self.pictures and not self.awaiting_params:
+            pic = self.pictures[0]
+            if (pic.width, pic.height) != self.geometry:
+                return True
+            needed = self._bytes_needed()
+            if any(out.resource.size >= needed for out in self.outputs):
+                return True
+        if self.eos_pending and not self.pictures:
+            return self.geometry is None or bool(self.outputs)
+        return False
 
     def _run(self) -> None:
         try:
