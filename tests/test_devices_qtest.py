@@ -17,11 +17,13 @@ def test_snd_device_id_features_and_config(transport):
     m = start(transport, "virtio-snd-py")
     try:
         dev = m.find_virtio(25)
-        assert dev.offered_features() >> VIRTIO_F_VERSION_1 & 1
+        offered = dev.offered_features()
+        assert offered >> VIRTIO_F_VERSION_1 & 1 and offered & 1     # VIRTIO_SND_F_CTLS
         dev.initialize()
         assert len(dev.queues) == 4
-        jacks, streams, chmaps, _ = struct.unpack("<IIII", dev.config(16))
-        assert (jacks, streams, chmaps) == (0, 2, 0)
+        # default card: one playback and one capture stream, mono and stereo
+        # channel maps each, volume and switch each
+        assert struct.unpack("<IIII", dev.config(16)) == (0, 2, 4, 4)
     finally:
         m.stop()
 

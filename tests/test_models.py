@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import struct
-
 import pytest
 
 from pyemb.config import ConfigError, import_class
 from pyemb.device import DeviceModel, write_all
 from pyemb.host import create_device
-from pyemb.snd import protocol as snd
-from pyemb.snd.device import SoundDevice
 from pyemb.video import protocol as video
 from pyemb.video.device import VideoDevice
 from pyemb.video_backend import PyAVBackend
@@ -22,86 +18,6 @@ def control(model: DeviceModel, command: bytes, reply_size: int, queue: int = 0)
     model.handle_request(queue, req)
     assert req.done
     return req.reply
-
-
-# -- virtio-snd ----------------------------------------------------------------
-def snd_status(reply: bytes) -> int:
-    return struct.unpack_from("<I", reply)[0]
-
-
-def pcm_info_query(start: int, count: int, size: int = snd.PCM_INFO.size) -> bytes:
-    return snd.QUERY_INFO.pack(snd.Code.PCM_INFO, start, count, size)
-
-
-def test_snd_config_space_counts_streams_from_config():
-    cfg = {"snd": {"streams": [{"direction": "output"}] * 3}}
-    model = SoundDevice(FakeHandle(), cfg)
-    assert snd.CONFIG.unpack(model.read_config()) == (0, 3, 0, 0)
-
-
-def test_snd_pcm_info_encodes_each_stream():
-    cfg = {"snd": {"streams": [
-        {"direction": "output", "channels": [2, 8], "formats": ["S16", "FLOAT"],
-         "rates": [8000, 192000]},
-        {"direction": "input", "channels": [1, 1], "formats": ["U8"], "rates": [44100]},
-    ]}}
-    model = SoundDevice(FakeHandle(), cfg)
-    reply = control(model, pcm_info_query(0, 2), 4 + 64)
-    assert snd_status(reply) == snd.Status.OK
-    out = snd.PcmInfo.unpack(reply[4:36])
-    inp = snd.PcmInfo.unpack(reply[36:68])
-    assert (out.channels_min, out.channels_max) == (2, 8)
-    assert out.formats == (1 << snd.FORMAT_INDEX["S16"]) | (1 << snd.FORMAT_INDEX["FLOAT"])
-    assert out.rates == (1 << snd.RATE_INDEX[8000]) | (1 << snd.RATE_INDEX[192000])
-    assert inp.direction == snd.Direction.INPUT and inp.formats == 1 << snd.FORMAT_INDEX["U8"]
-
-
-@pytest.mark.parametrize("command,reply_size", [
-    (pcm_info_query(1, 2), 68),                 # past the last stream
-    (pcm_info_query(0, 1, size=16), 68),        # wrong item size
-    (pcm_info_query(0, 2), 36),                 # reply buffer too small
-    (pcm_info_query(0, 2) + b"\0", 68),         # oversized message
-    (b"\x00\x01", 68),                          # short message
-    (struct.pack("<I", 0x7777), 68),            # unknown code
-])
-def test_snd_malformed_control_gets_bad_msg(command, reply_size):
-    model = SoundDevice(FakeHandle(), {})
-    assert snd_status(control(model, command, reply_size)) == snd.Status.BAD_MSG
-
-
-def test_snd_unimplemented_request_gets_not_supp():
-    model = SoundDevice(FakeHandle(), {})
-    cmd = snd.PCM_HDR.pack(snd.Code.PCM_PREPARE, 0)
-    assert snd_status(control(model, cmd, 4)) == snd.Status.NOT_SUPP
-
-
-def test_snd_tx_without_running_stream_gets_status_in_its_tail():
-    model = SoundDevice(FakeHandle(), {})
-    req = FakeRequest([struct.pack("<I", 0), bytes(64)], [8], queue=snd.TX_QUEUE)
-    model.handle_request(snd.TX_QUEUE, req)
-    assert snd.PCM_STATUS.unpack(req.reply) == (snd.Status.BAD_MSG, 0)
-
-
-def test_snd_event_buffers_are_held_until_reset():
-    model = SoundDevice(FakeHandle(), {})
-    req = FakeRequest([], [8], queue=snd.EVENT_QUEUE)
-    model.handle_request(snd.EVENT_QUEUE, req)
-    assert not req.done and len(model.events) == 1
-    model.reset()
-    assert not model.events
-
-
-@pytest.mark.parametrize("streams,message", [
-    ([{"direction": "sideways"}], "direction"),
-    ([{"channels": [3, 2]}], "channels"),
-    ([{"formats": ["S17"]}], "unknown format"),
-    ([{"rates": [1000]}], "unsupported rate"),
-    ([], "non-empty"),
-])
-def test_snd_bad_stream_config_is_one_line(streams, message):
-    with pytest.raises(ConfigError, match=message) as exc:
-        SoundDevice(FakeHandle(), {"snd": {"streams": streams}})
-    assert "\n" not in str(exc.value)
 
 
 # -- virtio-video --------------------------------------------------------------

@@ -1,56 +1,29 @@
-"""The virtio-snd device model: queues, config space, control requests.
+"""The virtio-snd device model: config space, control queue, events, tx/rx.
 
-Status: the foundation answers PCM_INFO (and the empty JACK_INFO and
-CHMAP_INFO of a card without jacks or channel maps) from the TOML config,
-holds event buffers, and refuses PCM data and the stream requests with
-NOT_SUPP / BAD_MSG.  The stream state machine, pacing and the backends come
-with the virtio-snd issue.
+The card's shape comes from the TOML config (:mod:`pyemb.snd.card`); each
+PCM stream is a :class:`~pyemb.snd.stream.PcmStream` with its own backend
+and pacing thread; control elements live in :mod:`pyemb.snd.controls`.
+Every request the protocol rejects is answered with BAD_MSG or NOT_SUPP and
+changes nothing.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from pyemb.config import ConfigError, get_int, section
+from pyemb.config import ConfigError, section
 from pyemb.device import DeviceHandle, DeviceModel, ProtocolError, Request, write_all
 from pyemb.snd import protocol as p
-from pyemb.snd_backend import NullBackend, SndBackend
+from pyemb.snd.card import CardConfig, parse_card
+from pyemb.snd.controls import ControlSet
+from pyemb.snd.stream import PcmStream
+from pyemb.snd_backend import SndBackend
 
-DEFAULT_STREAMS = (
-    {"direction": "output", "channels": [1, 2], "formats": ["S16", "S32", "FLOAT"],
-     "rates": [44100, 48000]},
-    {"direction": "input", "channels": [1, 2], "formats": ["S16", "S32", "FLOAT"],
-     "rates": [44100, 48000]},
-)
-
-
-def parse_stream(index: int, table: Mapping[str, Any]) -> p.PcmInfo:
-    """One ``[[snd.streams]]`` table as a PCM_INFO item."""
-    where = f"snd.streams[{index}]"
-    direction = table.get("direction", "output")
-    if direction not in ("output", "input"):
-        raise ConfigError(f"config: {where}.direction must be \"output\" or \"input\"")
-    channels = table.get("channels", [1, 2])
-    if (not isinstance(channels, list) or len(channels) != 2
-            or not all(isinstance(c, int) and 1 <= c <= 8 for c in channels)
-            or channels[0] > channels[1]):
-        raise ConfigError(f"config: {where}.channels must be [min, max] within 1..8")
-    formats = 0
-    for name in table.get("formats", ["S16"]):
-        if name not in p.FORMAT_INDEX:
-            raise ConfigError(f"config: {where}.formats: unknown format {name!r}")
-        formats |= 1 << p.FORMAT_INDEX[name]
-    rates = 0
-    for rate in table.get("rates", [48000]):
-        if rate not in p.RATE_INDEX:
-            raise ConfigError(f"config: {where}.rates: unsupported rate {rate!r}")
-        rates |= 1 << p.RATE_INDEX[rate]
-    if not formats or not rates:
-        raise ConfigError(f"config: {where} needs at least one format and one rate")
-    return p.PcmInfo(p.Direction.OUTPUT if direction == "output" else p.Direction.INPUT,
-                     channels[0], channels[1], formats, rates)
+# Events raised while the guest has no event buffer posted wait here.
+MAX_PENDING_EVENTS = 64
 
 
 class SoundDevice(DeviceModel):
@@ -58,39 +31,100 @@ class SoundDevice(DeviceModel):
 
     device_id = p.DEVICE_ID
     queue_sizes = (64, 64, 256, 256)
-    features = 0
+    features = 1 << p.F_CTLS
     config_size = p.CONFIG.size
 
     def __init__(self, handle: DeviceHandle, config: Mapping[str, Any],
                  backend_class: type | None = None) -> None:
-        snd = section(config, "snd")
-        streams = snd.get("streams", list(DEFAULT_STREAMS))
-        if not isinstance(streams, list) or not streams:
-            raise ConfigError("config: snd.streams must be a non-empty array of tables")
-        self.streams = [parse_stream(i, s) for i, s in enumerate(streams)]
-        self.jacks = get_int(snd, "jacks", 0, 0, 0, "snd")
-        backend_class = backend_class or NullBackend
-        if not issubclass(backend_class, SndBackend):
+        if backend_class is not None and not issubclass(backend_class, SndBackend):
             raise ConfigError(f"backend {backend_class.__name__} is not a pyemb SndBackend")
-        self.backend = backend_class(section(config, "backend"))
-        self.events: deque[Request] = deque()
+        self.card: CardConfig = parse_card(section(config, "snd"), backend_class)
+        self._event_lock = threading.Lock()
+        self.event_buffers: deque[Request] = deque()
+        self.pending_events: deque[bytes] = deque(maxlen=MAX_PENDING_EVENTS)
+        self.controls = ControlSet(self._notify_control)
+        self.jack_state = [j.connected for j in self.card.jacks]
+        self.jack_remaps: dict[int, tuple[int, int]] = {}
+        self.chmaps: list[bytes] = []
+        self.streams: list[PcmStream] = []
+        playback = capture = 0
+        for s in self.card.streams:
+            if s.output:
+                name, index, playback = "PCM Playback", playback, playback + 1
+            else:
+                name, index, capture = "Capture", capture, capture + 1
+            ctl = self.controls.add_stream(name, index, s.info.channels_max, s.volume, s.mute,
+                                           s.info.hda_fn_nid)
+            backend = s.backend_class(s.backend_options, s.index,
+                                      "output" if s.output else "input")
+            self.streams.append(PcmStream(s.index, s.info, backend, ctl, self.post_event,
+                                          handle.name))
+            for layout in s.chmaps:
+                positions = bytes(p.CHMAP_POSITION[pos] for pos in layout)
+                self.chmaps.append(p.CHMAP_INFO.pack(s.info.hda_fn_nid, s.info.direction,
+                                                     len(layout), positions))
         super().__init__(handle, config)
 
     def queue_handlers(self) -> list[Callable[[Request], None]]:
         return [self.on_control, self.on_event, self.on_tx, self.on_rx]
 
     def read_config(self) -> bytes:
-        return p.CONFIG.pack(self.jacks, len(self.streams), 0, 0)
+        return p.CONFIG.pack(len(self.card.jacks), len(self.streams), len(self.chmaps),
+                             len(self.controls))
+
+    @property
+    def ctls_negotiated(self) -> bool:
+        return bool(self.driver_features >> p.F_CTLS & 1)
 
     def reset(self) -> None:
+        for stream in self.streams:
+            stream.drop()
+        with self._event_lock:
+            self.event_buffers.clear()       # QEMU drops the held buffers
+            self.pending_events.clear()
+        self.jack_state = [j.connected for j in self.card.jacks]
+        self.jack_remaps.clear()
         super().reset()
-        self.events.clear()         # QEMU drops the held buffers
 
-    def close(self) -> None:
-        self.reset()
-        self.backend.close()
+    # -- events -----------------------------------------------------------------
+    def on_event(self, request: Request) -> None:
+        """Hold the buffer until there is an event to report."""
+        if request.writable_size < p.EVENT.size:
+            request.complete(0)
+            return
+        with self._event_lock:
+            if self.pending_events:
+                self._deliver(request, self.pending_events.popleft())
+            else:
+                self.event_buffers.append(request)
 
-    # -- control queue --------------------------------------------------------
+    def post_event(self, code: int, data: int) -> None:
+        """Send an event from any thread (kept if no buffer is posted yet)."""
+        self._post(p.event(p.Event(code), data))
+
+    def _post(self, payload: bytes) -> None:
+        with self._event_lock:
+            if self.event_buffers:
+                self._deliver(self.event_buffers.popleft(), payload)
+            else:
+                self.pending_events.append(payload)
+
+    @staticmethod
+    def _deliver(request: Request, payload: bytes) -> None:
+        request.complete(write_all(request, payload))
+
+    def _notify_control(self, control_id: int, mask: int) -> None:
+        if self.ctls_negotiated:
+            self._post(p.CTL_EVENT.pack(p.Event.CTL_NOTIFY, control_id, mask))
+
+    def set_jack(self, jack_id: int, connected: bool) -> None:
+        """Plug or unplug a jack from the host side; the guest gets an event."""
+        if self.jack_state[jack_id] != connected:
+            self.jack_state[jack_id] = connected
+            code = p.Event.JACK_CONNECTED if connected else p.Event.JACK_DISCONNECTED
+            self.post_event(code, jack_id)
+
+    # -- control queue ------------------------------------------------------------
     def on_control(self, request: Request) -> None:
         self.serve_command(request, self.control, p.status_reply, p.Status.IO_ERR)
 
@@ -98,41 +132,130 @@ class SoundDevice(DeviceModel):
         if len(command) < p.HDR.size:
             raise ProtocolError(p.Status.BAD_MSG, "short control request")
         (code,) = p.HDR.unpack_from(command)
-        if code == p.Code.PCM_INFO:
-            return self.query(command, request, [s.pack() for s in self.streams],
-                              p.PCM_INFO.size)
-        if code == p.Code.JACK_INFO:
-            return self.query(command, request, [], 24)
-        if code == p.Code.CHMAP_INFO:
-            return self.query(command, request, [], 24)
-        if code in p.Code.__members__.values():
-            raise ProtocolError(p.Status.NOT_SUPP, f"{p.Code(code).name} not implemented")
-        raise ProtocolError(p.Status.BAD_MSG, f"unknown request 0x{code:x}")
+        handler = self._handlers_by_code.get(code)
+        if handler is None:
+            raise ProtocolError(p.Status.BAD_MSG, f"unknown request 0x{code:x}")
+        if code >= p.Code.CTL_INFO and not self.ctls_negotiated:
+            raise ProtocolError(p.Status.NOT_SUPP, "control elements not negotiated")
+        return handler(self, command, request)
 
     def query(self, command: bytes, request: Request, items: list[bytes],
               item_size: int) -> bytes:
-        """JACK_INFO / PCM_INFO / CHMAP_INFO: {code, start_id, count, size}."""
+        """JACK_INFO / PCM_INFO / CHMAP_INFO / CTL_INFO: {code, start_id, count, size}."""
         if len(command) != p.QUERY_INFO.size:
             raise ProtocolError(p.Status.BAD_MSG, "query of wrong size")
         _, start, count, size = p.QUERY_INFO.unpack(command)
-        if size != item_size or start + count > len(items):
+        if size != item_size or count == 0 or start + count > len(items):
             raise ProtocolError(p.Status.BAD_MSG, "query out of range")
         if request.writable_size < p.HDR.size + count * size:
             raise ProtocolError(p.Status.BAD_MSG, "reply buffer too small")
         return p.status_reply(p.Status.OK) + b"".join(items[start:start + count])
 
-    # -- event, tx and rx queues ----------------------------------------------
-    def on_event(self, request: Request) -> None:
-        """Keep the buffer until there is an event to report."""
-        self.events.append(request)
+    def _pcm_info(self, command: bytes, request: Request) -> bytes:
+        return self.query(command, request, [s.info.pack() for s in self.streams],
+                          p.PCM_INFO.size)
 
+    def _jack_info(self, command: bytes, request: Request) -> bytes:
+        items = [jack.info(connected)
+                 for jack, connected in zip(self.card.jacks, self.jack_state, strict=True)]
+        return self.query(command, request, items, p.JACK_INFO.size)
+
+    def _jack_remap(self, command: bytes, request: Request) -> bytes:
+        if len(command) != p.JACK_REMAP.size:
+            raise ProtocolError(p.Status.BAD_MSG, "JACK_REMAP of wrong size")
+        _, jack_id, association, sequence = p.JACK_REMAP.unpack(command)
+        if jack_id >= len(self.card.jacks):
+            raise ProtocolError(p.Status.BAD_MSG, f"no jack {jack_id}")
+        if not self.card.jacks[jack_id].remap:
+            raise ProtocolError(p.Status.NOT_SUPP, f"jack {jack_id} cannot be remapped")
+        self.jack_remaps[jack_id] = (association, sequence)
+        return p.status_reply(p.Status.OK)
+
+    def _chmap_info(self, command: bytes, request: Request) -> bytes:
+        return self.query(command, request, self.chmaps, p.CHMAP_INFO.size)
+
+    def _stream(self, command: bytes) -> PcmStream:
+        _, stream_id = p.PCM_HDR.unpack_from(command)
+        if stream_id >= len(self.streams):
+            raise ProtocolError(p.Status.BAD_MSG, f"no stream {stream_id}")
+        return self.streams[stream_id]
+
+    def _pcm_set_params(self, command: bytes, request: Request) -> bytes:
+        if len(command) != p.PCM_SET_PARAMS.size:
+            raise ProtocolError(p.Status.BAD_MSG, "PCM_SET_PARAMS of wrong size")
+        self._stream(command).set_params(p.SetParams.unpack(command))
+        return p.status_reply(p.Status.OK)
+
+    def _pcm_op(self, command: bytes, request: Request) -> bytes:
+        if len(command) != p.PCM_HDR.size:
+            raise ProtocolError(p.Status.BAD_MSG, "PCM request of wrong size")
+        stream = self._stream(command)
+        op = {p.Code.PCM_PREPARE: stream.prepare, p.Code.PCM_START: stream.start,
+              p.Code.PCM_STOP: stream.stop, p.Code.PCM_RELEASE: stream.release}
+        op[p.HDR.unpack_from(command)[0]]()
+        return p.status_reply(p.Status.OK)
+
+    def _ctl_info(self, command: bytes, request: Request) -> bytes:
+        return self.query(command, request, [c.info() for c in self.controls.controls],
+                          p.CTL_INFO.size)
+
+    def _ctl_enum_items(self, command: bytes, request: Request) -> bytes:
+        _, control = self.controls.get(command)
+        raise ProtocolError(p.Status.BAD_MSG, f"{control.name} is not an enumeration")
+
+    def _ctl_read(self, command: bytes, request: Request) -> bytes:
+        return self.controls.read(command)
+
+    def _ctl_write(self, command: bytes, request: Request) -> bytes:
+        return self.controls.write(command)
+
+    def _ctl_tlv_read(self, command: bytes, request: Request) -> bytes:
+        return self.controls.tlv_read(command, request.writable_size)
+
+    def _ctl_tlv_write(self, command: bytes, request: Request) -> bytes:
+        _, control = self.controls.get(command)
+        raise ProtocolError(p.Status.NOT_SUPP, f"{control.name}: TLV is read-only")
+
+    _handlers_by_code: dict[int, Callable[[SoundDevice, bytes, Request], bytes]] = {
+        p.Code.JACK_INFO: _jack_info,
+        p.Code.JACK_REMAP: _jack_remap,
+        p.Code.PCM_INFO: _pcm_info,
+        p.Code.PCM_SET_PARAMS: _pcm_set_params,
+        p.Code.PCM_PREPARE: _pcm_op,
+        p.Code.PCM_RELEASE: _pcm_op,
+        p.Code.PCM_START: _pcm_op,
+        p.Code.PCM_STOP: _pcm_op,
+        p.Code.CHMAP_INFO: _chmap_info,
+        p.Code.CTL_INFO: _ctl_info,
+        p.Code.CTL_ENUM_ITEMS: _ctl_enum_items,
+        p.Code.CTL_READ: _ctl_read,
+        p.Code.CTL_WRITE: _ctl_write,
+        p.Code.CTL_TLV_READ: _ctl_tlv_read,
+        p.Code.CTL_TLV_WRITE: _ctl_tlv_write,
+        p.Code.CTL_TLV_COMMAND: _ctl_tlv_write,
+    }
+
+    # -- tx and rx queues -----------------------------------------------------------
     def on_tx(self, request: Request) -> None:
-        # {stream_id} + frames -> {status, latency_bytes}; no stream can be
-        # running before PCM_START exists.
-        self.pcm_reply(request, p.Status.BAD_MSG)
+        self._pcm_message(request, output=True)
 
     def on_rx(self, request: Request) -> None:
-        self.pcm_reply(request, p.Status.BAD_MSG)
+        self._pcm_message(request, output=False)
+
+    def _pcm_message(self, request: Request, output: bool) -> None:
+        try:
+            if request.readable_size < p.PCM_XFER.size:
+                raise ProtocolError(p.Status.BAD_MSG, "PCM message without a header")
+            header = bytes(request.readable[0][:p.PCM_XFER.size]) \
+                if len(request.readable[0]) >= p.PCM_XFER.size \
+                else b"".join(request.readable)[:p.PCM_XFER.size]
+            (stream_id,) = p.PCM_XFER.unpack(header)
+            if stream_id >= len(self.streams) or self.streams[stream_id].output != output:
+                raise ProtocolError(p.Status.BAD_MSG, f"no {('capture', 'playback')[output]} "
+                                                      f"stream {stream_id}")
+            self.streams[stream_id].queue_message(request)
+        except ProtocolError:
+            self.pcm_reply(request, p.Status.BAD_MSG)
 
     def pcm_reply(self, request: Request, status: p.Status) -> None:
         """Write {status, latency_bytes=0} into the last 8 writable bytes."""
@@ -153,3 +276,6 @@ class SoundDevice(DeviceModel):
             self.pcm_reply(request, p.Status.IO_ERR)
         else:
             request.complete(0)
+
+    def close(self) -> None:
+        self.reset()

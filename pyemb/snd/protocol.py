@@ -73,11 +73,84 @@ RATE_INDEX = {rate: i for i, rate in enumerate(RATES)}
 
 HDR = struct.Struct("<I")                    # virtio_snd_hdr {code}
 QUERY_INFO = struct.Struct("<IIII")          # {code, start_id, count, size}
+EVENT = struct.Struct("<II")                 # virtio_snd_event {type, data}
+CTL_EVENT = struct.Struct("<IHH")            # {type, control_id, mask}
+CONFIG = struct.Struct("<IIII")              # jacks, streams, chmaps, controls
+
+# Jacks
+JACK_HDR = struct.Struct("<II")              # {code, jack_id}
+JACK_REMAP = struct.Struct("<IIII")          # {code, jack_id, association, sequence}
+JACK_INFO = struct.Struct("<IIIIB7x")        # {nid, features, defconf, caps, connected}
+JACK_F_REMAP = 0
+
+# PCM
 PCM_INFO = struct.Struct("<IIQQBBB5x")       # virtio_snd_pcm_info
 PCM_HDR = struct.Struct("<II")               # {code, stream_id}
+PCM_SET_PARAMS = struct.Struct("<IIIIIBBBx")  # {code, id, buffer, period, features, ch, fmt, rate}
 PCM_XFER = struct.Struct("<I")               # tx/rx {stream_id}
 PCM_STATUS = struct.Struct("<II")            # {status, latency_bytes}
-CONFIG = struct.Struct("<IIII")              # jacks, streams, chmaps, controls
+
+
+class PcmFeature(IntEnum):
+    SHMEM_HOST = 0
+    SHMEM_GUEST = 1
+    MSG_POLLING = 2
+    EVT_SHMEM_PERIODS = 3
+    EVT_XRUNS = 4
+
+
+# Channel maps
+CHMAP_MAX_SIZE = 18
+CHMAP_INFO = struct.Struct("<IBB18s")        # {nid, direction, channels, positions[18]}
+CHMAP_POSITIONS = (
+    "NONE", "NA", "MONO", "FL", "FR", "RL", "RR", "FC", "LFE", "SL", "SR", "RC",
+    "FLC", "FRC", "RLC", "RRC", "FLW", "FRW", "FLH", "FCH", "FRH", "TC", "TFL",
+    "TFR", "TFC", "TRL", "TRR", "TRC", "TFLC", "TFRC", "TSL", "TSR", "LLFE",
+    "RLFE", "BC", "BLC", "BRC",
+)
+CHMAP_POSITION = {name: i for i, name in enumerate(CHMAP_POSITIONS)}
+
+# Control elements (VIRTIO 1.3)
+CTL_HDR = struct.Struct("<II")               # {code, control_id}
+CTL_INFO = struct.Struct("<IIIIII44s4x24s")  # {nid, role, type, access, count, index, name, value}
+CTL_INTEGER_RANGE = struct.Struct("<III")    # {min, max, step}
+CTL_VALUE_SIZE = 512                         # virtio_snd_ctl_value
+CTL_ENUM_ITEM_SIZE = 64
+
+
+class CtlRole(IntEnum):
+    UNDEFINED = 0
+    VOLUME = 1
+    MUTE = 2
+    GAIN = 3
+
+
+class CtlType(IntEnum):
+    BOOLEAN = 0
+    INTEGER = 1
+    INTEGER64 = 2
+    ENUMERATED = 3
+    BYTES = 4
+    IEC958 = 5
+
+
+class CtlAccess(IntEnum):
+    READ = 0
+    WRITE = 1
+    VOLATILE = 2
+    INACTIVE = 3
+    TLV_READ = 4
+    TLV_WRITE = 5
+    TLV_COMMAND = 6
+
+
+CTL_EVT_MASK_VALUE = 0
+CTL_EVT_MASK_INFO = 1
+CTL_EVT_MASK_TLV = 2
+
+# ALSA TLV (include/uapi/sound/tlv.h): {type, length in bytes, data...}
+TLV_DB_SCALE = 1
+TLV_DB_SCALE_MUTE = 0x10000
 
 
 @dataclass(frozen=True)
@@ -102,5 +175,33 @@ class PcmInfo:
         return cls(Direction(direction), cmin, cmax, formats, rates, features, nid)
 
 
+@dataclass(frozen=True)
+class SetParams:
+    """PCM_SET_PARAMS as the guest sent it (format and rate are bit indexes)."""
+
+    stream_id: int
+    buffer_bytes: int
+    period_bytes: int
+    features: int
+    channels: int
+    format: int
+    rate: int
+
+    def pack(self) -> bytes:
+        return PCM_SET_PARAMS.pack(Code.PCM_SET_PARAMS, self.stream_id, self.buffer_bytes,
+                                   self.period_bytes, self.features, self.channels,
+                                   self.format, self.rate)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> SetParams:
+        _, sid, buffer_bytes, period_bytes, features, ch, fmt, rate = \
+            PCM_SET_PARAMS.unpack(data)
+        return cls(sid, buffer_bytes, period_bytes, features, ch, fmt, rate)
+
+
 def status_reply(status: Status) -> bytes:
     return HDR.pack(status)
+
+
+def event(code: Event, data: int) -> bytes:
+    return EVENT.pack(code, data)

@@ -1,0 +1,430 @@
+"""One PCM stream: the state machine, the message queue and the pacing thread.
+
+State machine (VIRTIO 1.2 5.14.6.6.1)::
+
+    SET_PARAMS  from  IDLE, SET_PARAMS, PREPARED, RELEASED
+    PREPARE     from  SET_PARAMS, PREPARED, RELEASED
+    START       from  PREPARED, STOPPED
+    STOP        from  RUNNING
+    RELEASE     from  PREPARED, STOPPED
+
+Pacing: the Linux driver sends one message per period and moves the ALSA
+hardware pointer when the device completes it.  So each stream has a thread
+that hands a playback message to the backend at the moment the host needs
+its first frame (stream clock: START time + frames so far / rate) and
+completes it then; a capture message is filled and completed once the stream
+clock has passed its last frame.  A backend that blocks at the real rate
+(``clocked``, a sound card) is its own clock.  At STOP the frames still
+queued are handed over at once and the backend plays them out: nothing the
+guest wrote before STOP is lost.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+from pyemb import log
+from pyemb.device import ProtocolError, Request
+from pyemb.snd import protocol as p
+from pyemb.snd.controls import StreamControls
+from pyemb.snd.pcm import scale, silence
+from pyemb.snd_backend import BackendError, SndBackend, StreamParams
+
+# Largest buffer a guest may ask for; more is a malformed request.
+MAX_BUFFER_BYTES = 16 << 20
+
+
+class State(Enum):
+    IDLE = "idle"
+    SET_PARAMS = "set-params"
+    PREPARED = "prepared"
+    RUNNING = "running"
+    STOPPED = "stopped"
+    RELEASED = "released"
+
+
+ALLOWED = {
+    "set_params": {State.IDLE, State.SET_PARAMS, State.PREPARED, State.RELEASED},
+    "prepare": {State.SET_PARAMS, State.PREPARED, State.RELEASED},
+    "start": {State.PREPARED, State.STOPPED},
+    "stop": {State.RUNNING},
+    "release": {State.PREPARED, State.STOPPED},
+}
+
+
+@dataclass
+class Message:
+    """A tx/rx request: payload views over guest memory and the status tail."""
+
+    request: Request
+    payload: list[memoryview]
+    nbytes: int
+
+
+def split_message(request: Request, header: int) -> tuple[list[memoryview], memoryview]:
+    """The PCM payload views and the 8-byte status view of a tx/rx request.
+
+    tx: readable = {stream_id} + frames, writable = status.
+    rx: readable = {stream_id}, writable = frames + status.
+    """
+    status_views = list(request.writable)
+    if request.queue == p.TX_QUEUE:
+        views, skip = list(request.readable), header
+    else:
+        views, skip = status_views, 0
+    if not status_views or len(status_views[-1]) < p.PCM_STATUS.size:
+        raise ProtocolError(p.Status.BAD_MSG, "status does not fit one buffer")
+    tail = status_views[-1]
+    status = tail[len(tail) - p.PCM_STATUS.size:]
+    payload: list[memoryview] = []
+    for i, view in enumerate(views):
+        if request.queue == p.RX_QUEUE and i == len(views) - 1:
+            view = view[:len(view) - p.PCM_STATUS.size]
+        if skip:
+            n = min(skip, len(view))
+            view, skip = view[n:], skip - n
+        if len(view):
+            payload.append(view)
+    return payload, status
+
+
+class PcmStream:
+    """A PCM stream of the card; control requests come from QEMU's main loop."""
+
+    def __init__(self, stream_id: int, info: p.PcmInfo, backend: SndBackend,
+                 controls: StreamControls, post_event: Callable[[int, int], None],
+                 name: str) -> None:
+        self.id = stream_id
+        self.info = info
+        self.backend = backend
+        self.controls = controls
+        self.post_event = post_event
+        self.name = name
+        self.output = info.direction == p.Direction.OUTPUT
+        self.state = State.IDLE
+        self.params: StreamParams | None = None
+        self.features = 0
+        self._cond = threading.Condition()
+        self._queue: deque[Message] = deque()
+        self._queued_bytes = 0
+        self._thread: threading.Thread | None = None
+        self._exit = False
+        self._backend_open = False
+        self._backend_running = False
+        self._failed = False
+        # stream clock: frames handed over since ``_anchor`` (a monotonic time)
+        self._anchor = 0.0
+        self._frames = 0
+        self._generation = 0
+        # figures for tests and benchmarks
+        self.frames_total = 0
+        self.completions: list[tuple[float, int]] = []   # (monotonic, frames)
+        self.record_completions = False
+        self.first_frame_at: float | None = None
+        self.started_at: float | None = None
+
+    # -- control requests (main loop) ------------------------------------------
+    def _check(self, op: str) -> None:
+        if self.state not in ALLOWED[op]:
+            raise ProtocolError(p.Status.BAD_MSG,
+                                f"stream {self.id}: {op} not allowed in state {self.state.value}")
+
+    def _join_released(self) -> None:
+        # After RELEASE the thread plays out, closes the backend and exits;
+        # the driver waited for the messages, so this is short.
+        thread = self._thread
+        if self.state == State.RELEASED and thread is not None:
+            thread.join(2.0)
+
+    def set_params(self, req: p.SetParams) -> None:
+        self._check("set_params")
+        self._join_released()
+        info = self.info
+        from pyemb.snd.pcm import SAMPLE_FORMATS
+        fmt_name = p.FORMATS[req.format] if req.format < len(p.FORMATS) else "?"
+        if not (info.formats >> req.format & 1 and fmt_name in SAMPLE_FORMATS):
+            raise ProtocolError(p.Status.NOT_SUPP, f"stream {self.id}: format {fmt_name}")
+        if req.rate >= len(p.RATES) or not info.rates >> req.rate & 1:
+            raise ProtocolError(p.Status.NOT_SUPP, f"stream {self.id}: rate index {req.rate}")
+        if not info.channels_min <= req.channels <= info.channels_max:
+            raise ProtocolError(p.Status.NOT_SUPP, f"stream {self.id}: {req.channels} channels")
+        if req.features & ~info.features:
+            raise ProtocolError(p.Status.NOT_SUPP,
+                                f"stream {self.id}: features 0x{req.features:x}")
+        frame = SAMPLE_FORMATS[fmt_name].width * req.channels
+        if (req.period_bytes == 0 or req.period_bytes % frame
+                or req.buffer_bytes < req.period_bytes or req.buffer_bytes % req.period_bytes
+                or req.buffer_bytes > MAX_BUFFER_BYTES):
+            raise ProtocolError(p.Status.BAD_MSG,
+                                f"stream {self.id}: buffer {req.buffer_bytes} / period "
+                                f"{req.period_bytes} bytes do not fit {frame}-byte frames")
+        self._close_backend()
+        self.params = StreamParams(self.id, "output" if self.output else "input",
+                                   req.channels, fmt_name, p.RATES[req.rate],
+                                   req.buffer_bytes, req.period_bytes)
+        self.features = req.features
+        self.state = State.SET_PARAMS
+
+    def prepare(self) -> None:
+        self._check("prepare")
+        self._join_released()
+        assert self.params is not None
+        if not self._backend_open:
+            try:
+                self.backend.open(self.params)
+            except ValueError as e:
+                raise ProtocolError(p.Status.NOT_SUPP, f"stream {self.id}: {e}") from None
+            except BackendError as e:
+                log.warning(f"{self.name}: stream {self.id}: {e}")
+                raise ProtocolError(p.Status.IO_ERR, str(e)) from None
+            self._backend_open = True
+        self._failed = False
+        self.state = State.PREPARED
+        self._ensure_thread()
+
+    def start(self) -> None:
+        self._check("start")
+        with self._cond:
+            self.state = State.RUNNING
+            self._anchor = time.monotonic()
+            self._frames = 0
+            self.started_at = self._anchor
+            self.first_frame_at = None
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        self._check("stop")
+        with self._cond:
+            self.state = State.STOPPED
+            self._cond.notify_all()
+
+    def release(self) -> None:
+        self._check("release")
+        with self._cond:
+            self.state = State.RELEASED
+            self._cond.notify_all()
+        # The thread completes what is left (the driver waits for it), then
+        # closes the backend and exits.
+
+    # -- tx / rx ---------------------------------------------------------------
+    def queue_message(self, request: Request) -> None:
+        """A tx/rx request for this stream (its header already checked)."""
+        payload, status = split_message(request, p.PCM_XFER.size)
+        nbytes = sum(len(v) for v in payload)
+        params = self.params
+        if self.state not in (State.PREPARED, State.RUNNING, State.STOPPED) or params is None:
+            raise ProtocolError(p.Status.BAD_MSG,
+                                f"stream {self.id}: PCM data in state {self.state.value}")
+        if nbytes == 0 or nbytes % params.frame_bytes or nbytes > params.buffer_bytes:
+            raise ProtocolError(p.Status.BAD_MSG,
+                                f"stream {self.id}: {nbytes} bytes of PCM is not whole "
+                                f"frames within the buffer")
+        with self._cond:
+            self._queue.append(Message(request, payload, nbytes))
+            self._queued_bytes += nbytes
+            self._cond.notify_all()
+
+    # -- reset -------------------------------------------------------------------
+    def drop(self) -> None:
+        """Device reset: forget every message (QEMU drops them) and close."""
+        with self._cond:
+            self._exit = True
+            self._queue.clear()
+            self._queued_bytes = 0
+            self._generation += 1
+            self._cond.notify_all()
+            thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(2.0)
+            if thread.is_alive():
+                log.warning(f"{self.name}: stream {self.id}: pacing thread did not stop")
+        self._close_backend()
+        self.state = State.IDLE
+        self.params = None
+
+    # -- the pacing thread -----------------------------------------------------
+    def _ensure_thread(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._exit = False
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"{self.name}-pcm{self.id}")
+        self._thread.start()
+
+    def _close_backend(self) -> None:
+        if self._backend_open:
+            self._backend_open = False
+            self._backend_running = False
+            try:
+                self.backend.close()
+            except Exception as e:  # noqa: BLE001 - closing must not fail a request
+                log.warning(f"{self.name}: stream {self.id}: closing backend: {e}")
+
+    def _own_clock(self) -> bool:
+        return not self.backend.clocked or self._failed
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception as e:  # noqa: BLE001 - a dying thread is logged, not silent
+            log.exception(self.name, f"stream {self.id} pacing thread", e)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                msg = self._next_message()
+                if msg is None:
+                    return
+                state, generation = self.state, self._generation
+            if not self._backend_running and (state == State.RUNNING or self.output):
+                self._backend_call(self.backend.start)
+                self._backend_running = True
+            if state == State.RUNNING:
+                if self._own_clock() and not self._wait_for_deadline(msg, generation):
+                    continue
+                self._transfer(msg, generation)
+            else:
+                # STOPPED or RELEASED: playback frames still go to the sink
+                # (nothing written before STOP is lost); capture ends empty.
+                self._transfer(msg, generation, flush=True)
+
+    def _next_message(self) -> Message | None:
+        """Under the lock: the next message to serve, or None to exit."""
+        while True:
+            if self._exit:
+                return None
+            if self._queue and self.state in (State.RUNNING, State.STOPPED, State.RELEASED):
+                return self._queue[0]
+            if not self._queue and self.state in (State.STOPPED, State.RELEASED):
+                if self._backend_running:
+                    # Everything is handed over: let the backend play it out.
+                    self._cond.release()
+                    try:
+                        self._backend_call(self.backend.stop)
+                    finally:
+                        self._cond.acquire()
+                    self._backend_running = False
+                    continue
+                if self.state == State.RELEASED:
+                    self._cond.release()
+                    try:
+                        self._close_backend()
+                    finally:
+                        self._cond.acquire()
+                    return None
+            was_empty = not self._queue and self.state == State.RUNNING
+            self._cond.wait()
+            if was_empty and self._queue and self.state == State.RUNNING and self._own_clock():
+                # The guest was late: the clock restarts from now rather than
+                # rushing through the backlog.
+                lag = time.monotonic() - (self._anchor + self._frames / self._rate())
+                if lag > 0:
+                    self._anchor += lag
+
+    def _rate(self) -> int:
+        return self.params.rate if self.params else 48000
+
+    def _wait_for_deadline(self, msg: Message, generation: int) -> bool:
+        """Sleep until the stream clock reaches ``msg``; False if things changed."""
+        params = self.params
+        assert params is not None
+        frames = self._frames
+        if not self.output:
+            frames += msg.nbytes // params.frame_bytes
+        deadline = self._anchor + frames / params.rate
+        with self._cond:
+            while True:
+                if (self._exit or self._generation != generation
+                        or self.state != State.RUNNING):
+                    return False            # the loop looks again
+                delay = deadline - time.monotonic()
+                if delay <= 0:
+                    return True
+                self._cond.wait(delay)
+
+    def _transfer(self, msg: Message, generation: int, flush: bool = False) -> None:
+        params = self.params
+        assert params is not None
+        status = p.Status.OK
+        if self.output:
+            data = msg.payload[0] if len(msg.payload) == 1 else b"".join(msg.payload)
+            gains = self.controls.gains()
+            if gains is not None:
+                data = scale(data, params.sample, params.channels, gains)
+            status = self._backend_io(self.backend.write, data)
+        elif flush or self._failed:
+            for view in msg.payload:
+                view[:] = silence(params.sample, len(view))
+        else:
+            if len(msg.payload) == 1:
+                status = self._backend_io(self.backend.read, msg.payload[0])
+            else:
+                buf = bytearray(msg.nbytes)
+                status = self._backend_io(self.backend.read, memoryview(buf))
+                offset = 0
+                for view in msg.payload:
+                    view[:] = buf[offset:offset + len(view)]
+                    offset += len(view)
+            gains = self.controls.gains()
+            if gains is not None and status == p.Status.OK:
+                for view in msg.payload:
+                    view[:] = scale(view, params.sample, params.channels, gains)
+        now = time.monotonic()
+        frames = msg.nbytes // params.frame_bytes
+        with self._cond:
+            if self._generation != generation or not self._queue or self._queue[0] is not msg:
+                return                  # reset while we worked: QEMU dropped it
+            self._queue.popleft()
+            self._queued_bytes -= msg.nbytes
+            self._frames += frames
+            self.frames_total += frames
+            if self.first_frame_at is None:
+                self.first_frame_at = now
+            if self.record_completions:
+                self.completions.append((now, self.frames_total))
+            latency = self._queued_bytes
+        if self.output:
+            if self._own_clock():
+                latency += msg.nbytes          # the period being played now
+            else:
+                latency += self.backend.queued_frames() * params.frame_bytes
+        self._complete(msg, status, latency)
+
+    def _complete(self, msg: Message, status: p.Status, latency: int) -> None:
+        request = msg.request
+        tail = request.writable[-1]
+        tail[len(tail) - p.PCM_STATUS.size:] = p.PCM_STATUS.pack(status, latency)
+        request.complete(request.writable_size)
+
+    def _backend_io(self, fn: Callable[[memoryview | bytes], None],
+                    data: memoryview | bytes) -> p.Status:
+        if self._failed:
+            return p.Status.IO_ERR
+        try:
+            fn(data)  # type: ignore[arg-type]
+        except BackendError as e:
+            self._fail(str(e))
+            return p.Status.IO_ERR
+        return p.Status.OK
+
+    def _backend_call(self, fn: Callable[[], None]) -> None:
+        if self._failed:
+            return
+        try:
+            fn()
+        except BackendError as e:
+            self._fail(str(e))
+
+    def _fail(self, why: str) -> None:
+        """The host path broke: warn once, tell the guest, pace by our own clock."""
+        log.warning(f"{self.name}: stream {self.id}: {why}")
+        self._failed = True
+        with self._cond:
+            self._anchor = time.monotonic() - self._frames / self._rate()
+        if self.features >> p.PcmFeature.EVT_XRUNS & 1:
+            self.post_event(p.Event.PCM_XRUN, self.id)
