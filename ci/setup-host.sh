@@ -8,7 +8,7 @@ packages=(
     build-essential ninja-build pkg-config dpkg-dev xz-utils
     libglib2.0-dev libpixman-1-dev zlib1g-dev libfdt-dev flex bison
     python3.11 python3.11-dev python3.11-venv libpython3.11-dev
-    seabios
+    seabios libportaudio2
 )
 
 sudo_cmd=()
