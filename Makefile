@@ -28,6 +28,7 @@ bench: build
 	bash ci/setup-bench.sh
 	$(PYTHON) -m bench.control_roundtrip
 	$(PYTHON) -m bench.decode_throughput
+	$(PYTHON) -m bench.snd_pacing
 
 clean:
 	rm -rf build .venv

@@ -64,8 +64,8 @@ def main() -> None:
                       "-trace", "virtqueue_pop", "-trace", "virtqueue_flush",
                       "-msg", "timestamp=on", "-D", trace]) as m:
         ours, theirs = m.virtio_devices()
-        # Tell them apart by config space: our default card has 2 streams.
-        if snd.CONFIG.unpack(ours.config(snd.CONFIG.size))[1] != 2:
+        # Tell them apart by config space: our default card has channel maps.
+        if snd.CONFIG.unpack(ours.config(snd.CONFIG.size))[2] == 0:
             ours, theirs = theirs, ours
         for dev in (ours, theirs):
             dev.initialize()
