@@ -70,6 +70,9 @@ class SndBackend:
     """Interface of an audio engine for one stream; defaults do nothing."""
 
     clocked = False
+    # True if write() may get a period in pieces that are not whole frames
+    # (the guest's pages), which spares gathering them first.
+    takes_fragments = False
 
     def __init__(self, options: Mapping[str, Any], stream_id: int, direction: str) -> None:
         self.options = dict(options)
@@ -123,6 +126,8 @@ def _check_options(options: Mapping[str, Any], known: set[str], where: str) -> N
 
 class NullBackend(SndBackend):
     """Discards playback and captures silence, both paced by the stream."""
+
+    takes_fragments = True
 
     def __init__(self, options: Mapping[str, Any], stream_id: int, direction: str) -> None:
         super().__init__(options, stream_id, direction)
@@ -248,6 +253,8 @@ class WavBackend(SndBackend):
     guest.  Capture without a path plays ``tone`` Hz (default 440) at
     ``amplitude`` (default 0.5).  ``loop = true`` repeats a capture file.
     """
+
+    takes_fragments = True
 
     def __init__(self, options: Mapping[str, Any], stream_id: int, direction: str) -> None:
         super().__init__(options, stream_id, direction)

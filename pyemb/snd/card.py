@@ -55,8 +55,10 @@ DEFAULT_CHMAPS = ("mono", "stereo", "5.1", "7.1")
 JACK_DEVICES = {"line-out": (0x0, True), "speaker": (0x1, True), "headphone": (0x2, True),
                 "line-in": (0x8, False), "mic": (0xA, False)}
 
-# Stream features pyemb serves: message polling and XRUN events.
-PCM_FEATURES = (1 << p.PcmFeature.MSG_POLLING) | (1 << p.PcmFeature.EVT_XRUNS)
+# Stream features pyemb serves: XRUN events.  Not MSG_POLLING: with it the
+# Linux driver stops notifying the tx/rx queues and expects the device to
+# poll them, while QEMU devices run on notifications.
+PCM_FEATURES = 1 << p.PcmFeature.EVT_XRUNS
 
 
 @dataclass

@@ -352,11 +352,16 @@ class PcmStream:
         assert params is not None
         status = p.Status.OK
         if self.output:
-            data = msg.payload[0] if len(msg.payload) == 1 else b"".join(msg.payload)
             gains = self.controls.gains()
-            if gains is not None:
-                data = scale(data, params.sample, params.channels, gains)
-            status = self._backend_io(self.backend.write, data)
+            if gains is None and self.backend.takes_fragments:
+                # guest pages straight to the backend: no gathering copy
+                for view in msg.payload:
+                    status = self._backend_io(self.backend.write, view)
+            else:
+                data = msg.payload[0] if len(msg.payload) == 1 else b"".join(msg.payload)
+                if gains is not None:
+                    data = scale(data, params.sample, params.channels, gains)
+                status = self._backend_io(self.backend.write, data)
         elif flush or self._failed:
             for view in msg.payload:
                 view[:] = silence(params.sample, len(view))
