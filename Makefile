@@ -13,16 +13,17 @@ setup:
 
 build: setup
 	bash ci/build-qemu.sh
+	/usr/bin/python3.11 ci/build_guest.py
 
 test: build
-	$(PYTHON) -m ruff check pyemb tests bench
+	$(PYTHON) -m ruff check pyemb tests bench ci
 	$(PYTHON) -m pytest -q tests
 
 demo: build
 	$(PYTHON) -m demo.run
 
 lint:
-	$(PYTHON) -m ruff check pyemb tests bench
+	$(PYTHON) -m ruff check pyemb tests bench ci
 
 bench: build
 	bash ci/setup-bench.sh

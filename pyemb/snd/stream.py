@@ -14,7 +14,10 @@ that hands a playback message to the backend at the moment the host needs
 its first frame (stream clock: START time + frames so far / rate) and
 completes it then; a capture message is filled and completed once the stream
 clock has passed its last frame.  A backend that blocks at the real rate
-(``clocked``, a sound card) is its own clock.  At STOP the frames still
+(``clocked``, a sound card) is fed up to two periods ahead of that clock and
+paces itself; the clock still stops an unpaced host device (ALSA's null
+plugin) from completing the guest's whole buffer at once, which the Linux
+driver takes for no progress at all (its pointer wraps).  At STOP the frames still
 queued are handed over at once and the backend plays them out: nothing the
 guest wrote before STOP is lost.
 """
@@ -95,6 +98,9 @@ def split_message(request: Request, header: int) -> tuple[list[memoryview], memo
 
 class PcmStream:
     """A PCM stream of the card; control requests come from QEMU's main loop."""
+
+    # How far ahead of the stream clock a clocked backend may be fed.
+    LEAD_PERIODS = 2
 
     def __init__(self, stream_id: int, info: p.PcmInfo, backend: SndBackend,
                  controls: StreamControls, post_event: Callable[[int, int], None],
@@ -285,7 +291,7 @@ class PcmStream:
                 self._backend_call(self.backend.start)
                 self._backend_running = True
             if state == State.RUNNING:
-                if self._own_clock() and not self._wait_for_deadline(msg, generation):
+                if not self._wait_for_deadline(msg, generation):
                     continue
                 self._transfer(msg, generation)
             else:
@@ -319,7 +325,7 @@ class PcmStream:
                     return None
             was_empty = not self._queue and self.state == State.RUNNING
             self._cond.wait()
-            if was_empty and self._queue and self.state == State.RUNNING and self._own_clock():
+            if was_empty and self._queue and self.state == State.RUNNING:
                 # The guest was late: the clock restarts from now rather than
                 # rushing through the backlog.
                 lag = time.monotonic() - (self._anchor + self._frames / self._rate())
@@ -337,6 +343,12 @@ class PcmStream:
         if not self.output:
             frames += msg.nbytes // params.frame_bytes
         deadline = self._anchor + frames / params.rate
+        if not self._own_clock():
+            # A sound card paces its own blocking calls; the stream clock
+            # only keeps an unpaced host device (ALSA null, a file) from
+            # racing through the guest's buffer, which the Linux driver
+            # cannot follow.  Running a little ahead keeps the card fed.
+            deadline -= self.LEAD_PERIODS * params.period_bytes / params.frame_bytes / params.rate
         with self._cond:
             while True:
                 if (self._exit or self._generation != generation

@@ -1,0 +1,81 @@
+"""Boot the small Linux guest (ci/build_guest.py) under TCG and run a script.
+
+The script and any files it needs go into a second cpio archive appended
+to the base initramfs (Linux unpacks concatenated archives on top of each
+other), so one guest image serves every test without rebuilding.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+QEMU = Path(os.environ.get("PYEMB_QEMU_DIR", REPO / "build" / "qemu")) / "qemu-system-x86_64"
+DONE = re.compile(r"PYEMB-GUEST-DONE rc=(\d+)")
+
+
+def _build_guest_module():
+    spec = importlib.util.spec_from_file_location("build_guest", REPO / "ci" / "build_guest.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def guest_dir() -> Path:
+    path = REPO / "build" / "guest"
+    if not (path / "initrd.img").exists():
+        raise FileNotFoundError(f"{path} is missing: run `make build` "
+                                "(or /usr/bin/python3.11 ci/build_guest.py)")
+    return path
+
+
+def make_initrd(files: dict[str, bytes], out: Path) -> Path:
+    """The base initramfs plus ``files`` (``/test.sh`` executable)."""
+    cpio = _build_guest_module().Cpio()
+    for name, data in files.items():
+        cpio.add(name, data, 0o100755 if name.endswith(".sh") else 0o100644)
+    out.write_bytes((guest_dir() / "initrd.img").read_bytes() + cpio.finish())
+    return out
+
+
+@dataclass
+class GuestResult:
+    console: str
+    rc: int
+
+    def section(self, name: str) -> str:
+        """Console lines between ``== name`` and the next ``== ``."""
+        match = re.search(rf"^== {re.escape(name)}\s*$(.*?)(?=^== |\Z|PYEMB-GUEST-DONE)",
+                          self.console, re.S | re.M)
+        assert match, f"no section {name!r} in the console:\n{self.console}"
+        return match.group(1)
+
+
+def boot_guest(device_args: list[str], script: str, files: dict[str, bytes] | None = None,
+               timeout: float = 120, env: dict[str, str] | None = None) -> GuestResult:
+    """Boot, run ``script`` as /test.sh, return the console and its exit status."""
+    with tempfile.TemporaryDirectory(prefix="pyemb-guest-") as tmp:
+        initrd = make_initrd({"test.sh": ("#!/bin/sh\n" + script).encode(), **(files or {})},
+                             Path(tmp) / "initrd.img")
+        cmd = [str(QEMU), "-machine", "pc", "-accel", "tcg", "-m", "256M",
+               "-display", "none", "-nodefaults", "-no-reboot", "-serial", "stdio",
+               "-kernel", str(guest_dir() / "vmlinuz"), "-initrd", str(initrd),
+               "-append", "console=ttyS0 quiet panic=-1", *device_args]
+        full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                                  env=full_env, errors="replace")
+        except subprocess.TimeoutExpired as e:
+            tail = (e.stdout or b"")[-3000:]
+            raise AssertionError(f"guest did not finish in {timeout} s:\n{tail!r}") from None
+        console = proc.stdout + proc.stderr
+        match = DONE.search(console)
+        assert match, f"guest ended without its marker (QEMU rc {proc.returncode}):\n{console}"
+        return GuestResult(console, int(match.group(1)))
