@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from demo import guest_sound
 from pyemb.snd import protocol as snd
 from pyemb.video import protocol as video
 from tests.hostdriver import Machine, VirtioDevice
@@ -119,8 +120,10 @@ def main() -> int:
             if make == Machine.x86:
                 decode_clip(m, video_device, REPO / "build" / "demo")
         print(f"  QEMU exited cleanly; stderr: {m.exit_stderr.strip() or '(empty)'}")
+    guest_sound.run(REPO / "build" / "demo")
     print("demo done: both devices answered through the patched QEMU on both transports,"
-          " and the decoder decoded a clip into guest memory")
+          " the decoder decoded a clip into guest memory, and a Linux guest played and"
+          " recorded sound")
     return 0
 
 
