@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -100,6 +101,11 @@ class Machine:
             *self.args,
         ]
         env = dict(os.environ)
+        # The build in the cache is shared by every checkout and its
+        # pyemb.conf names whichever venv ran `make build` last: pin QEMU to
+        # the venv running this driver, so a test never loads another
+        # checkout's pyemb.
+        env.setdefault("PYEMB_VENV", sys.prefix)
         for key, value in (self.env or {}).items():     # None removes a variable
             if value is None:
                 env.pop(key, None)
