@@ -23,6 +23,7 @@ from pyemb.video.protocol import (
     QueueType,
     Range,
 )
+from pyemb.video.swscale import Converter
 
 
 class DecodeError(Exception):
@@ -44,6 +45,22 @@ class Picture:
         """The visible picture as 2-D uint8 arrays, one per plane of ``fmt``
         (NV12: Y, interleaved UV; YUV420: Y, U, V)."""
         raise NotImplementedError
+
+    def write_into(self, fmt: Format, target: np.ndarray,
+                   layout: list[tuple[int, int]]) -> None:
+        """Write the visible picture as ``fmt`` into the flat uint8 array
+        ``target``, each plane at its (offset, stride).  An engine that can
+        convert straight into the target overrides this."""
+        fill(target, layout, self.planes(fmt))
+
+
+def fill(target: np.ndarray, layout: list[tuple[int, int]], planes: list[np.ndarray]) -> None:
+    """Copy each plane's rows to ``target`` at (offset, stride)."""
+    for (offset, stride), rows in zip(layout, planes, strict=True):
+        height, width = rows.shape
+        if offset < 0 or stride < width:
+            raise ValueError("plane layout does not fit the picture")
+        target[offset:offset + stride * height].reshape(height, stride)[:, :width] = rows
 
 
 class DecodeSession:
@@ -161,6 +178,17 @@ H264_LEVELS = {10: 0x100, 11: 0x101, 12: 0x102, 13: 0x103, 20: 0x104, 21: 0x105,
 
 
 class PyAVPicture(Picture):
+    converter: Converter | None = None      # the session's, set when it has one
+
+    def write_into(self, fmt: Format, target: np.ndarray,
+                   layout: list[tuple[int, int]]) -> None:
+        name = "nv12" if fmt == Format.NV12 else "yuv420p"
+        if self.converter is not None and self.converter.write(
+                self.frame, name, self.width, self.height, target.ctypes.data, target.nbytes,
+                layout):
+            return
+        super().write_into(fmt, target, layout)
+
     def planes(self, fmt: Format) -> list[np.ndarray]:
         name = "nv12" if fmt == Format.NV12 else "yuv420p"
         frame = self.frame
@@ -187,6 +215,7 @@ class PyAVSession(DecodeSession):
         self._av = av
         self.codec_name = codec_name
         self.threads = threads
+        self.converter = Converter()
         self._open()
 
     def _open(self) -> None:
@@ -217,9 +246,10 @@ class PyAVSession(DecodeSession):
                     packet.pts = packet.dts = pts
                 for frame in self.ctx.decode(packet):
                     ts = self.timestamps.pop(frame.pts, 0) if frame.pts is not None else 0
-                    pictures.append(PyAVPicture(frame.width, frame.height, ts,
-                                                PICT_FLAGS.get(int(frame.pict_type), 0),
-                                                frame))
+                    picture = PyAVPicture(frame.width, frame.height, ts,
+                                          PICT_FLAGS.get(int(frame.pict_type), 0), frame)
+                    picture.converter = self.converter
+                    pictures.append(picture)
         except self._av.error.FFmpegError as e:
             raise DecodeError(str(e)) from e
         return pictures
@@ -262,6 +292,7 @@ class PyAVSession(DecodeSession):
 
     def close(self) -> None:
         self.ctx = None
+        self.converter.close()
 
 
 class PyAVBackend(VideoBackend):

@@ -262,7 +262,13 @@ class DecoderStream:
             if out is None:
                 return
             self.pictures.popleft()
-            size = self._write_picture(pic, out.resource)
+            try:
+                size = self._write_picture(pic, out.resource)
+            except ValueError as e:     # plane offsets the picture does not fit
+                log.warning(f"virtio-video stream {self.id}: output resource "
+                            f"{out.resource.resource_id}: {e}")
+                buffer_done(out.request, out.resource, pic.timestamp, p.BufferFlag.ERR)
+                continue
             buffer_done(out.request, out.resource, pic.timestamp, pic.flags, size)
         if self.eos_pending and self.geometry is None:
             # Drained without ever finding a picture: nothing to decode here.
@@ -316,19 +322,16 @@ class DecoderStream:
         if len(resource.plane_offsets) == len(layout) and resource.planes_layout == 2:
             layout = [(off, stride) for off, (_, stride)
                       in zip(resource.plane_offsets, layout, strict=True)]
-            needed = max(needed, max(off for off, _ in layout))
+            needed = max(off + size for off, (size, _)
+                         in zip(resource.plane_offsets, params.plane_formats, strict=True))
+            if needed > resource.size:
+                raise ValueError(f"plane offsets {resource.plane_offsets} reach past "
+                                 f"its {resource.size} bytes")
         view = resource.contiguous_view()
         if view is not None:
-            fill(np.frombuffer(view, np.uint8), layout, pic.planes(params.format))
+            pic.write_into(params.format, np.frombuffer(view, np.uint8), layout)
         else:
             image = np.zeros(needed, np.uint8)
-            fill(image, layout, pic.planes(params.format))
+            pic.write_into(params.format, image, layout)
             resource.write(image)
         return needed
-
-
-def fill(target: np.ndarray, layout: list[tuple[int, int]], planes: list[np.ndarray]) -> None:
-    """Copy each plane's rows to ``target`` at (offset, stride)."""
-    for (offset, stride), rows in zip(layout, planes, strict=True):
-        height, width = rows.shape
-        target[offset:offset + stride * height].reshape(height, stride)[:, :width] = rows

@@ -1,0 +1,130 @@
+"""Decoded pictures straight into guest buffers with FFmpeg's libswscale.
+
+PyAV's ``VideoFrame.reformat`` can only produce a new frame: converting to
+NV12 that way costs an allocation, a conversion pass and then a second pass
+to copy the result into the guest buffer, all on the stream's worker, whose
+serial time bounds the stream's frame rate.  Here ``sws_scale`` writes the
+guest buffer directly, in one pass and without the GIL (ctypes drops it for
+the call).  The library is the very libswscale PyAV itself loaded, found in
+the process's mappings, so formats and versions always agree with PyAV's.
+
+Only conversions that are pure rearrangements of 8-bit 4:2:0 samples
+(I420 -> NV12, I420 -> I420) go this way: they are bit-exact whatever the
+scaler's flags.  Anything else (10-bit, 4:2:2, ...) returns False and the
+caller falls back to PyAV's reformat.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from typing import Any
+
+# Decoder output formats whose samples are 8-bit 4:2:0 planar (yuvj420p is
+# the full-range flavour of the same layout).
+I420_LIKE = ("yuv420p", "yuvj420p")
+# Guest formats this module writes, by libavutil pixel-format name.
+TARGETS = ("nv12", "yuv420p")
+SWS_POINT = 0x10
+
+_lock = threading.Lock()
+_lib: tuple[Any, dict[str, int]] | None = None
+_missing = False
+
+
+def _loaded_library(stem: str) -> str | None:
+    """Path of the shared library named ``stem``* mapped into this process."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            path = line.rstrip("\n").split(None, 5)[-1]
+            name = path.rsplit("/", 1)[-1]
+            if name.startswith(stem) and ".so" in name:
+                return path
+    return None
+
+
+def _load() -> tuple[Any, dict[str, int]] | None:
+    """libswscale's entry points and the pixel formats we use, or None."""
+    global _lib, _missing
+    with _lock:
+        if _lib is not None or _missing:
+            return _lib
+        import av.video.reformatter  # noqa: F401 - maps libswscale into the process
+
+        sws_path, avutil_path = _loaded_library("libswscale"), _loaded_library("libavutil")
+        if sws_path is None or avutil_path is None:
+            _missing = True
+            return None
+        sws, avutil = ctypes.CDLL(sws_path), ctypes.CDLL(avutil_path)
+        avutil.av_get_pix_fmt.restype = ctypes.c_int
+        avutil.av_get_pix_fmt.argtypes = [ctypes.c_char_p]
+        formats = {name: avutil.av_get_pix_fmt(name.encode()) for name in (*I420_LIKE, *TARGETS)}
+        c_int, c_ptr = ctypes.c_int, ctypes.c_void_p
+        sws.sws_getCachedContext.restype = c_ptr
+        sws.sws_getCachedContext.argtypes = [c_ptr, c_int, c_int, c_int, c_int, c_int, c_int,
+                                             c_int, c_ptr, c_ptr, c_ptr]
+        sws.sws_scale.restype = c_int
+        sws.sws_scale.argtypes = [c_ptr, ctypes.POINTER(c_ptr), ctypes.POINTER(c_int), c_int,
+                                  c_int, ctypes.POINTER(c_ptr), ctypes.POINTER(c_int)]
+        sws.sws_freeContext.restype = None
+        sws.sws_freeContext.argtypes = [c_ptr]
+        _lib = (sws, formats)
+        return _lib
+
+
+def plane_shapes(target: str, width: int, height: int) -> list[tuple[int, int]]:
+    """(rows, bytes per row) of each plane of a ``target`` picture."""
+    cw, ch = (width + 1) // 2, (height + 1) // 2
+    if target == "nv12":
+        return [(height, width), (ch, 2 * cw)]
+    return [(height, width), (ch, cw), (ch, cw)]
+
+
+def layout_fits(layout: list[tuple[int, int]], shapes: list[tuple[int, int]],
+                size: int) -> bool:
+    """Whether every plane at (offset, stride) lies inside ``size`` bytes."""
+    for (offset, stride), (rows, row_bytes) in zip(layout, shapes, strict=True):
+        if offset < 0 or stride < row_bytes or offset + stride * (rows - 1) + row_bytes > size:
+            return False
+    return True
+
+
+class Converter:
+    """One stream's scaler context; use it from one thread at a time."""
+
+    def __init__(self) -> None:
+        self._ctx: int | None = None
+
+    def write(self, frame: Any, target: str, width: int, height: int, dst_address: int,
+              dst_size: int, layout: list[tuple[int, int]]) -> bool:
+        """Write the top-left ``width`` x ``height`` of a PyAV ``frame`` as
+        ``target`` ("nv12" or "yuv420p") at ``dst_address``, each plane at
+        its (offset, stride).  False, with nothing written, where this
+        conversion is not one this module does."""
+        lib = _load()
+        if lib is None or target not in TARGETS or frame.format.name not in I420_LIKE:
+            return False
+        if width > frame.width or height > frame.height:
+            return False
+        if not layout_fits(layout, plane_shapes(target, width, height), dst_size):
+            raise ValueError("picture planes do not fit the output buffer")
+        sws, formats = lib
+        self._ctx = sws.sws_getCachedContext(
+            self._ctx, width, height, formats[frame.format.name], width, height,
+            formats[target], SWS_POINT, None, None, None)
+        if not self._ctx:
+            return False
+        planes = frame.planes
+        src = (ctypes.c_void_p * 4)(*(pl.buffer_ptr for pl in planes[:3]))
+        src_strides = (ctypes.c_int * 4)(*(pl.line_size for pl in planes[:3]))
+        dst = (ctypes.c_void_p * 4)(*(dst_address + offset for offset, _ in layout))
+        dst_strides = (ctypes.c_int * 4)(*(stride for _, stride in layout))
+        sws.sws_scale(self._ctx, src, src_strides, 0, height, dst, dst_strides)
+        return True
+
+    def close(self) -> None:
+        if self._ctx:
+            lib = _load()
+            if lib is not None:
+                lib[0].sws_freeContext(self._ctx)
+        self._ctx = None
