@@ -58,23 +58,37 @@ class VideoClient:
         self.cmdq, self.evq = dev.queues[p.COMMAND_QUEUE], dev.queues[p.EVENT_QUEUE]
         self.done: dict[int, Used] = {}
         self.events: list[tuple[int, int]] = []
+        self.unkicked = False
         for _ in range(event_buffers):
             self.evq.add([], [p.EVENT.size])
         self.evq.kick()
 
     # -- plumbing -------------------------------------------------------------------
-    def submit(self, command: bytes, resp_size: int = 128, extra: bytes = b"") -> int:
+    def submit(self, command: bytes, resp_size: int = 128, extra: bytes = b"",
+               kick: bool = True) -> int:
+        """Make a command available; ``kick=False`` leaves the notification
+        to :meth:`kick` (one kick for a batch, as a guest driver does)."""
         out = [command] + ([extra] if extra else [])
         chain = self.cmdq.add(out, [resp_size])
-        self.cmdq.kick()
+        self.unkicked = True
+        if kick:
+            self.kick()
         return chain.token
+
+    def kick(self) -> None:
+        if self.unkicked:
+            self.unkicked = False
+            self.cmdq.kick()
 
     def poll(self) -> None:
         while (used := self.cmdq.poll()) is not None:
             self.done[used.chain.token] = used
+        refilled = False
         while (ev := self.evq.poll()) is not None:
             self.events.append(p.EVENT.unpack(ev.data))
             self.evq.add([], [p.EVENT.size])
+            refilled = True
+        if refilled:
             self.evq.kick()
 
     def wait(self, head: int, timeout: float = 10.0) -> bytes:
@@ -133,10 +147,11 @@ class VideoClient:
         body = b"".join(p.MEM_ENTRY.pack(a, n) for a, n in entries)
         self.call_ok(cmd, extra=body)
 
-    def queue(self, sid: int, queue: int, rid: int, timestamp: int = 0, size: int = 0) -> int:
+    def queue(self, sid: int, queue: int, rid: int, timestamp: int = 0, size: int = 0,
+              kick: bool = True) -> int:
         cmd = p.RESOURCE_QUEUE.pack(p.Cmd.RESOURCE_QUEUE, sid, queue, rid, timestamp, 1,
                                     size, *([0] * 7))
-        return self.submit(cmd, p.RESOURCE_QUEUE_RESP.size)
+        return self.submit(cmd, p.RESOURCE_QUEUE_RESP.size, kick=kick)
 
     def write_entries(self, entries: list[tuple[int, int]], data: bytes) -> None:
         off = 0
@@ -172,6 +187,7 @@ class VideoClient:
             events, self.events = self.events, []
             for run in runs:
                 run.step([ev for ev in events if ev[1] == run.sid])
+            self.kick()             # one notification for everything queued above
             time.sleep(poll_interval)
         for run in runs:
             run.destroy()
@@ -222,7 +238,7 @@ class StreamRun:
             data, ts = self.todo.pop(0)
             rid = self.free_inputs.pop(0)
             c.write_entries(self.inputs[rid], data)
-            self.in_flight[c.queue(sid, p.QueueType.INPUT, rid, ts, len(data))] = rid
+            self.in_flight[c.queue(sid, p.QueueType.INPUT, rid, ts, len(data), kick=False)] = rid
         if not self.todo and not self.in_flight and self.drain_token is None:
             self.drain_token = c.submit(p.HDR.pack(p.Cmd.STREAM_DRAIN, sid))
         for token in [t for t in self.in_flight if t in c.done]:
@@ -272,7 +288,7 @@ class StreamRun:
         else:
             self.result.pictures.append(Output(ts, flags, 0, w, h))
         if requeue:
-            self.out_flight[self.c.queue(self.sid, p.QueueType.OUTPUT, rid)] = rid
+            self.out_flight[self.c.queue(self.sid, p.QueueType.OUTPUT, rid, kick=False)] = rid
 
     def reallocate_outputs(self) -> None:
         c, sid = self.c, self.sid
