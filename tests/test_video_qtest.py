@@ -125,6 +125,54 @@ def test_chunks_that_do_not_match_frame_boundaries(video):
     assert sorted(pic.timestamp for pic in result.pictures) == sorted(offsets)
 
 
+class RunWithBadOutput(StreamRun):
+    """Queues, before its good output buffers, one PER_PLANE buffer whose
+    chroma offset leaves too little room for the chroma plane."""
+
+    def __init__(self, *args, entries_per_plane: tuple[int, int], **kw) -> None:
+        super().__init__(*args, **kw)
+        self.entries_per_plane = entries_per_plane
+        self.bad_tokens: list[int] = []
+        self.bad_replies: list[int] = []
+
+    def reallocate_outputs(self) -> None:
+        c, sid = self.c, self.sid
+        if not self.bad_tokens:
+            params = c.get_params(sid, p.QueueType.OUTPUT)
+            size = sum(s for s, _ in params.plane_formats)
+            luma, stride = params.plane_formats[0]
+            chunks = sum(self.entries_per_plane)
+            entries = c.alloc_entries(size, chunks)
+            num = [*self.entries_per_plane] + [0] * 6
+            offsets = [0, size - stride] + [0] * 6     # one chroma row fits, not all
+            cmd = p.RESOURCE_CREATE.pack(p.Cmd.RESOURCE_CREATE, sid, p.QueueType.OUTPUT, 99,
+                                         p.PlanesLayout.PER_PLANE, 2, *offsets, *num)
+            c.call_ok(cmd, extra=b"".join(p.MEM_ENTRY.pack(a, n) for a, n in entries))
+            self.bad_tokens.append(c.queue(sid, p.QueueType.OUTPUT, 99))
+        super().reallocate_outputs()
+
+    def step(self, events: list[tuple[int, int]]) -> None:
+        for token in [t for t in self.bad_tokens if t in self.c.done]:
+            self.bad_tokens.remove(token)
+            reply = self.c.done.pop(token).data
+            self.bad_replies.append(p.RESOURCE_QUEUE_RESP.unpack(reply)[3])
+        super().step(events)
+
+
+@pytest.mark.parametrize("entries_per_plane", [(1, 0), (1, 1)],
+                         ids=["one-chunk", "scattered"])
+def test_output_buffer_the_picture_does_not_fit_gets_err_and_loses_nothing(
+        video, entries_per_plane):
+    packets = encode("h264", 160, 96, 8)
+    chunks = [(d, ns(pts)) for d, pts in packets]
+    run = RunWithBadOutput(video, 1, p.Format.H264, chunks,
+                           entries_per_plane=entries_per_plane)
+    result = video.run([run])[0]
+    assert run.bad_replies == [p.BufferFlag.ERR]
+    # The picture meant for the bad buffer went into the next one.
+    assert [pic.crc for pic in result.pictures] == reference("h264", [d for d, _ in packets])
+
+
 def test_one_input_buffer_with_every_frame(video):
     data = (CROSVM / "test-25fps.h264").read_bytes()
     expected = [int(c, 16) for c in (CROSVM / "test-25fps.crc").read_text().split()]

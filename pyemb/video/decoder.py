@@ -261,14 +261,14 @@ class DecoderStream:
             out = self._take_output(self._bytes_needed())
             if out is None:
                 return
-            self.pictures.popleft()
             try:
                 size = self._write_picture(pic, out.resource)
             except ValueError as e:     # plane offsets the picture does not fit
                 log.warning(f"virtio-video stream {self.id}: output resource "
                             f"{out.resource.resource_id}: {e}")
-                buffer_done(out.request, out.resource, pic.timestamp, p.BufferFlag.ERR)
-                continue
+                buffer_done(out.request, out.resource, 0, p.BufferFlag.ERR)
+                continue                # the picture waits for the next buffer
+            self.pictures.popleft()
             buffer_done(out.request, out.resource, pic.timestamp, pic.flags, size)
         if self.eos_pending and self.geometry is None:
             # Drained without ever finding a picture: nothing to decode here.
