@@ -235,10 +235,6 @@ class DecoderStream:
             except DecodeError as e:
                 log.warning(f"virtio-video stream {self.id}: corrupt input at drain: {e}")
         with self.lock:
-            if job is not None:
-                # Its bytes are in the decoder now: hand the buffer back.
-                buffer_done(job.request, job.resource, job.timestamp,
-                            p.BufferFlag.ERR if failed else 0)
             if epoch == self.epoch and not self.stopped:
                 self.pictures.extend(pictures)
                 if flush:
@@ -249,6 +245,12 @@ class DecoderStream:
                     # holds the first ones back): announce the size now.
                     self._change_resolution(*size)
             self._deliver()
+            if job is not None:
+                # Its bytes are in the decoder: hand the buffer back, right
+                # after the pictures so that QEMU's main loop wakes once for
+                # both completions rather than once each.
+                buffer_done(job.request, job.resource, job.timestamp,
+                            p.BufferFlag.ERR if failed else 0)
         return True
 
     def _deliver(self) -> None:
