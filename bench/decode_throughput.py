@@ -6,10 +6,14 @@ stream's worker decodes with PyAV and writes NV12 into guest output buffers.
 References, measured in the same run on the same stream with the same
 decoder threads: PyAV decoding directly (to frames, and to NV12 as the device
 must), and the ffmpeg CLI when one is installed (`make bench` installs
-Debian's; its FFmpeg is older than PyAV's).  Prints frames per second and
-the ratios.  Target: device >= 0.95 x PyAV direct (to NV12).
+Debian's; its FFmpeg is older than PyAV's).  Prints frames per second, the
+ratios (best of the repeats, and the median of ratios of runs made back to
+back, which the machine's noise disturbs less), and the CPU time per frame
+of every thread involved (QEMU's and the host driver's vs PyAV's): on a
+machine with as few cores as this one's, extra CPU is what costs frames.
+Target: device >= 0.95 x PyAV direct (to NV12).
 
-    .venv/bin/python -m bench.decode_throughput [--frames 300] [--repeat 2]
+    .venv/bin/python -m bench.decode_throughput [--frames 300] [--repeat 3] [--poll-ms 2]
 """
 
 from __future__ import annotations
