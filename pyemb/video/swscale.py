@@ -33,13 +33,17 @@ _missing = False
 
 
 def _loaded_library(stem: str) -> str | None:
-    """Path of the shared library named ``stem``* mapped into this process."""
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            path = line.rstrip("\n").split(None, 5)[-1]
-            name = path.rsplit("/", 1)[-1]
-            if name.startswith(stem) and ".so" in name:
-                return path
+    """Path of the shared library named ``stem``* mapped into this process
+    (None where there is no /proc, and the caller falls back to PyAV)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.rstrip("\n").split(None, 5)[-1]
+                name = path.rsplit("/", 1)[-1]
+                if name.startswith(stem) and ".so" in name:
+                    return path
+    except OSError:
+        pass
     return None
 
 
