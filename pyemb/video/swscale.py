@@ -59,21 +59,31 @@ def _load() -> tuple[Any, dict[str, int]] | None:
         if sws_path is None or avutil_path is None:
             _missing = True
             return None
-        sws, avutil = ctypes.CDLL(sws_path), ctypes.CDLL(avutil_path)
-        avutil.av_get_pix_fmt.restype = ctypes.c_int
-        avutil.av_get_pix_fmt.argtypes = [ctypes.c_char_p]
-        formats = {name: avutil.av_get_pix_fmt(name.encode()) for name in (*I420_LIKE, *TARGETS)}
-        c_int, c_ptr = ctypes.c_int, ctypes.c_void_p
-        sws.sws_getCachedContext.restype = c_ptr
-        sws.sws_getCachedContext.argtypes = [c_ptr, c_int, c_int, c_int, c_int, c_int, c_int,
-                                             c_int, c_ptr, c_ptr, c_ptr]
-        sws.sws_scale.restype = c_int
-        sws.sws_scale.argtypes = [c_ptr, ctypes.POINTER(c_ptr), ctypes.POINTER(c_int), c_int,
-                                  c_int, ctypes.POINTER(c_ptr), ctypes.POINTER(c_int)]
-        sws.sws_freeContext.restype = None
-        sws.sws_freeContext.argtypes = [c_ptr]
-        _lib = (sws, formats)
+        try:
+            _lib = _bind(sws_path, avutil_path)
+        except (OSError, AttributeError):     # not loadable, or an FFmpeg without these calls
+            _missing = True
         return _lib
+
+
+def _bind(sws_path: str, avutil_path: str) -> tuple[Any, dict[str, int]]:
+    """Bind the entry points (ctypes needs their signatures)."""
+    sws, avutil = ctypes.CDLL(sws_path), ctypes.CDLL(avutil_path)
+    avutil.av_get_pix_fmt.restype = ctypes.c_int
+    avutil.av_get_pix_fmt.argtypes = [ctypes.c_char_p]
+    formats = {name: avutil.av_get_pix_fmt(name.encode()) for name in (*I420_LIKE, *TARGETS)}
+    if min(formats.values()) < 0:
+        raise OSError(f"libavutil does not know every pixel format of {formats}")
+    c_int, c_ptr = ctypes.c_int, ctypes.c_void_p
+    sws.sws_getCachedContext.restype = c_ptr
+    sws.sws_getCachedContext.argtypes = [c_ptr, c_int, c_int, c_int, c_int, c_int, c_int,
+                                         c_int, c_ptr, c_ptr, c_ptr]
+    sws.sws_scale.restype = c_int
+    sws.sws_scale.argtypes = [c_ptr, ctypes.POINTER(c_ptr), ctypes.POINTER(c_int), c_int,
+                              c_int, ctypes.POINTER(c_ptr), ctypes.POINTER(c_int)]
+    sws.sws_freeContext.restype = None
+    sws.sws_freeContext.argtypes = [c_ptr]
+    return sws, formats
 
 
 def plane_shapes(target: str, width: int, height: int) -> list[tuple[int, int]]:
