@@ -23,7 +23,7 @@ from pyemb.video.protocol import (
     QueueType,
     Range,
 )
-from pyemb.video.swscale import Converter
+from pyemb.video.swscale import Converter, plane_shapes
 
 
 class DecodeError(Exception):
@@ -194,11 +194,10 @@ class PyAVPicture(Picture):
         frame = self.frame
         if frame.format.name != name:
             frame = frame.reformat(format=name, threads=1)
-        w, h = self.width, self.height
-        cw, ch = (w + 1) // 2, (h + 1) // 2
-        shapes = [(h, w), (ch, 2 * cw)] if name == "nv12" else [(h, w), (ch, cw), (ch, cw)]
         out = []
-        for plane, (rows, row_bytes) in zip(frame.planes, shapes, strict=True):
+        for plane, (rows, row_bytes) in zip(frame.planes,
+                                            plane_shapes(name, self.width, self.height),
+                                            strict=True):
             a = np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)
             out.append(a[:rows, :row_bytes])
         return out

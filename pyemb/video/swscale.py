@@ -50,6 +50,8 @@ def _loaded_library(stem: str) -> str | None:
 def _load() -> tuple[Any, dict[str, int]] | None:
     """libswscale's entry points and the pixel formats we use, or None."""
     global _lib, _missing
+    if _lib is not None or _missing:        # every picture asks: no lock once settled
+        return _lib
     with _lock:
         if _lib is not None or _missing:
             return _lib
