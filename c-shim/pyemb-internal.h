@@ -71,7 +71,10 @@ struct VirtIOPyemb {
     bool warned_kept_views;
     bool dropping;              /* in model.reset()/close(): drops are fine */
 
-    /* Completions from foreign threads, pushed by completion_bh */
+    /*
+     * Completions from threads without the BQL, pushed by completion_bh
+     * or, at the end of a completion batch, by the completing thread
+     */
     QemuMutex done_lock;
     QSIMPLEQ_HEAD(, PyembDone) done;
     QEMUBH *completion_bh;
@@ -105,7 +108,9 @@ void pyemb_release_mappings(VirtIOPyemb *s);
 void pyemb_push_element(VirtIOPyemb *s, unsigned queue_index,
                         VirtQueueElement *elem, uint32_t written);
 void pyemb_queue_completion(VirtIOPyemb *s, unsigned queue_index,
-                            VirtQueueElement *elem, uint32_t written);
+                            VirtQueueElement *elem, uint32_t written,
+                            bool schedule);
+void pyemb_push_completions_from_thread(VirtIOPyemb *s);
 void pyemb_request_config_notify(VirtIOPyemb *s);
 
 struct PyembRequest {

@@ -7,12 +7,13 @@
  *   _pyemb.GuestMapping  a long-lived mapping of guest RAM (virtio-video
  *                        resources), bounds-checked, unmapped on release()
  *   _pyemb.Device        the handle a device model gets: map_guest(),
- *                        notify_config()
+ *                        notify_config(), batch()
  *   log_error(), log_warning()   QEMU's error reporting
  *
  * Every function here runs with the GIL held.  Functions that touch virtio
- * state check bql_locked() and defer to a bottom half when called from a
- * thread that does not hold the BQL.
+ * state check bql_locked() and, called from a thread that does not hold
+ * the BQL, defer to a bottom half or to the end of the thread's completion
+ * batch.
  *
  * SPDX-License-Identifier: GPL-2.0-or-later
  */
@@ -217,9 +218,20 @@ static void request_kill_views(PyembRequest *req, VirtIOPyemb *s)
 }
 
 /*
+ * Completion batches (``with handle.batch():``): a thread without the BQL
+ * that completes requests inside one holds them back and pushes them all
+ * itself when the outermost batch ends, taking the BQL once.  Without a
+ * batch, every completion from such a thread wakes the main loop.
+ */
+static __thread VirtIOPyemb *batch_dev;
+static __thread unsigned batch_depth;
+static __thread bool batch_held;        /* completions wait for the end */
+
+/*
  * Complete @request with @written bytes: kill its views, then push the
- * element now (BQL held) or through the completion bottom half.  Returns
- * false if it was already finished (completed or cancelled by a reset).
+ * element now (BQL held), at the end of this thread's batch, or through
+ * the completion bottom half.  Returns false if it was already finished
+ * (completed or cancelled by a reset).
  */
 bool pyemb_request_finish(PyObject *request, uint32_t written)
 {
@@ -240,8 +252,11 @@ bool pyemb_request_finish(PyObject *request, uint32_t written)
     req->elem = NULL;
     if (bql_locked()) {
         pyemb_push_element(s, req->queue_index, elem, written);
+    } else if (batch_depth && batch_dev == s) {
+        pyemb_queue_completion(s, req->queue_index, elem, written, false);
+        batch_held = true;
     } else {
-        pyemb_queue_completion(s, req->queue_index, elem, written);
+        pyemb_queue_completion(s, req->queue_index, elem, written, true);
     }
     return true;
 }
@@ -642,6 +657,47 @@ static PyObject *handle_get_pending(PyObject *self, void *closure)
     return PyLong_FromLong(n);
 }
 
+/* handle.batch() is the handle itself: it reads better in a with. */
+static PyObject *handle_batch(PyObject *self, PyObject *unused)
+{
+    return handle_device(self) ? Py_NewRef(self) : NULL;
+}
+
+static PyObject *handle_enter(PyObject *self, PyObject *unused)
+{
+    VirtIOPyemb *s = handle_device(self);
+
+    if (!s) {
+        return NULL;
+    }
+    if (batch_depth && batch_dev != s) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "a completion batch of another device is open "
+                        "in this thread");
+        return NULL;
+    }
+    batch_dev = s;
+    batch_depth++;
+    return Py_NewRef(self);
+}
+
+static PyObject *handle_exit(PyObject *self, PyObject *args)
+{
+    VirtIOPyemb *s = ((DeviceHandle *)self)->dev;
+    bool held = batch_held;
+
+    if (batch_depth == 0 || --batch_depth > 0) {
+        Py_RETURN_FALSE;
+    }
+    batch_dev = NULL;
+    batch_held = false;
+    /* If the device was unplugged meanwhile, its queue went with it. */
+    if (held && s) {
+        pyemb_push_completions_from_thread(s);
+    }
+    Py_RETURN_FALSE;
+}
+
 static PyMethodDef handle_methods[] = {
     { "map_guest", (PyCFunction)(void (*)(void))handle_map_guest,
       METH_VARARGS | METH_KEYWORDS,
@@ -650,6 +706,14 @@ static PyMethodDef handle_methods[] = {
       "byte of the range is not guest RAM.  Callable from any thread." },
     { "notify_config", handle_notify_config, METH_NOARGS,
       "Tell the driver that the config space changed." },
+    { "batch", handle_batch, METH_NOARGS,
+      "with handle.batch(): ... -- requests this thread completes inside\n"
+      "are pushed together when the block ends, by this thread, which\n"
+      "then takes QEMU's lock (with the GIL let go): end the block holding\n"
+      "no lock that handle_request may wait for.  Without it, completions\n"
+      "from threads of the model wake QEMU's main loop one by one." },
+    { "__enter__", handle_enter, METH_NOARGS, NULL },
+    { "__exit__", handle_exit, METH_VARARGS, NULL },
     { NULL }
 };
 

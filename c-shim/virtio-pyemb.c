@@ -47,7 +47,8 @@ void pyemb_push_element(VirtIOPyemb *s, unsigned queue_index,
 }
 
 void pyemb_queue_completion(VirtIOPyemb *s, unsigned queue_index,
-                            VirtQueueElement *elem, uint32_t written)
+                            VirtQueueElement *elem, uint32_t written,
+                            bool schedule)
 {
     PyembDone *done = g_new(PyembDone, 1);
 
@@ -58,7 +59,9 @@ void pyemb_queue_completion(VirtIOPyemb *s, unsigned queue_index,
     WITH_QEMU_LOCK_GUARD(&s->done_lock) {
         QSIMPLEQ_INSERT_TAIL(&s->done, done, next);
     }
-    qemu_bh_schedule(s->completion_bh);
+    if (schedule) {
+        qemu_bh_schedule(s->completion_bh);
+    }
 }
 
 void pyemb_request_config_notify(VirtIOPyemb *s)
@@ -73,13 +76,9 @@ void pyemb_request_config_notify(VirtIOPyemb *s)
     qemu_bh_schedule(s->completion_bh);
 }
 
-/*
- * Main loop, BQL held: push what foreign threads completed, one notify per
- * queue.
- */
-static void pyemb_completion_bh(void *opaque)
+/* BQL held: push what other threads completed, one notify per queue. */
+static void pyemb_flush_completions(VirtIOPyemb *s)
 {
-    VirtIOPyemb *s = opaque;
     VirtIODevice *vdev = VIRTIO_DEVICE(s);
     QSIMPLEQ_HEAD(, PyembDone) batch = QSIMPLEQ_HEAD_INITIALIZER(batch);
     g_autofree bool *touched = g_new0(bool, s->num_queues);
@@ -106,6 +105,32 @@ static void pyemb_completion_bh(void *opaque)
     if (config_changed) {
         virtio_notify_config(vdev);
     }
+}
+
+static void pyemb_completion_bh(void *opaque)
+{
+    pyemb_flush_completions(opaque);
+}
+
+/*
+ * A thread without the BQL pushes @s's queued completions itself, so that
+ * the main loop is not woken for them.  GIL held on entry and on return;
+ * it is let go while taking the BQL, because the main loop takes the BQL
+ * first and the GIL second.
+ */
+void pyemb_push_completions_from_thread(VirtIOPyemb *s)
+{
+    PyThreadState *ts;
+
+    object_ref(OBJECT(s));      /* it may be unplugged while we wait */
+    ts = PyEval_SaveThread();
+    bql_lock();
+    if (s->vqs) {               /* NULL once unrealized */
+        pyemb_flush_completions(s);
+    }
+    object_unref(OBJECT(s));
+    bql_unlock();
+    PyEval_RestoreThread(ts);
 }
 
 /* Reset or unrealize: completions still queued go back unused. */
@@ -508,7 +533,7 @@ static void pyemb_unrealize(DeviceState *dev)
     for (unsigned i = 0; i < s->num_queues; i++) {
         virtio_delete_queue(s->vqs[i]);
     }
-    g_free(s->vqs);
+    g_clear_pointer(&s->vqs, g_free);
     virtio_cleanup(vdev);
     qemu_mutex_destroy(&s->done_lock);
     pyemb_unregister_device(s);

@@ -14,13 +14,15 @@ QEMU builds one :class:`DeviceModel` per ``-device`` (see
 - ``close()`` at unplug and at QEMU exit.
 
 A request is completed with ``request.complete(written)``, at once or later
-from any thread.  Its memoryviews point straight into guest RAM and are dead
+from any thread (from a model's own thread, inside ``handle.batch()`` where
+it completes several).  Its memoryviews point straight into guest RAM and are dead
 (``ValueError``) after completion, so copy what must outlive it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 from pyemb import log
@@ -61,6 +63,15 @@ class DeviceHandle(Protocol):
     def map_guest(self, address: int, length: int, writable: bool = True) -> GuestMapping: ...
 
     def notify_config(self) -> None: ...
+
+    def batch(self) -> AbstractContextManager[Any]:
+        """``with handle.batch():`` -- requests this thread completes inside
+        are pushed to the guest together when the block ends, by this
+        thread, which takes QEMU's lock to do it.  For a model's own
+        threads: without a batch, each of their completions wakes QEMU's
+        main loop.  End the block holding no lock that ``handle_request``
+        may wait for (QEMU's lock comes first, then the model's)."""
+        ...
 
 
 class ProtocolError(Exception):

@@ -4,6 +4,8 @@ double completion raises)."""
 
 from __future__ import annotations
 
+import contextlib
+
 
 class FakeRequest:
     def __init__(self, readable: list[bytes], writable_sizes: list[int], queue: int = 0) -> None:
@@ -48,3 +50,6 @@ class FakeHandle:
 
     def notify_config(self) -> None:
         self.config_notifications += 1
+
+    def batch(self) -> contextlib.nullcontext:
+        return contextlib.nullcontext()

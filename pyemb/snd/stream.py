@@ -37,6 +37,7 @@ from pyemb.snd import protocol as p
 from pyemb.snd.controls import StreamControls
 from pyemb.snd.pcm import scale, silence
 from pyemb.snd_backend import BackendError, SndBackend, StreamParams
+from pyemb.threadname import set_native_name
 
 # Largest buffer a guest may ask for; more is a malformed request.
 MAX_BUFFER_BYTES = 16 << 20
@@ -275,6 +276,7 @@ class PcmStream:
         return not self.backend.clocked or self._failed
 
     def _run(self) -> None:
+        set_native_name(f"pyemb-pcm{self.id}")
         try:
             self._loop()
         except Exception as e:  # noqa: BLE001 - a dying thread is logged, not silent

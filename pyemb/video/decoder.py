@@ -16,12 +16,15 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from pyemb import log
 from pyemb.device import Request, write_all
+from pyemb.threadname import set_native_name
 from pyemb.video import protocol as p
 from pyemb.video.resources import Resource
 from pyemb.video_backend import DecodeError, DecodeSession, Picture
@@ -72,11 +75,13 @@ def buffer_done(request: Request, resource: Resource, timestamp: int, flags: int
 class DecoderStream:
     def __init__(self, stream_id: int, coded_format: int, in_mem: int, out_mem: int,
                  session: DecodeSession, send_event: Callable[[int, int], None],
-                 report: Callable[[BaseException, str], None]) -> None:
+                 report: Callable[[BaseException, str], None],
+                 completion_batch: Callable[[], AbstractContextManager[Any]]) -> None:
         self.id = stream_id
         self.session = session
         self.send_event = send_event
         self.report = report
+        self.completion_batch = completion_batch
         self.lock = threading.Condition()
         self.params = {
             p.QueueType.INPUT: p.Params(p.QueueType.INPUT, coded_format, min_buffers=1,
@@ -196,9 +201,15 @@ class DecoderStream:
         return False
 
     def _run(self) -> None:
+        set_native_name(f"pyemb-video-{self.id}")
         try:
-            while self._step():
-                pass
+            more = True
+            while more:
+                # A step's completions (pictures, then the input buffer) reach
+                # the guest together, pushed from here once the stream's lock
+                # is let go: QEMU's main loop is not woken for them.
+                with self.completion_batch():
+                    more = self._step()
         except Exception as e:  # noqa: BLE001 - a dead worker must be visible
             self.report(e, f"decoding stream {self.id}")
             self.send_event(p.EventType.ERROR, self.id)

@@ -177,7 +177,8 @@ class VideoDevice(DeviceModel):
                 raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER, f"mem type {mem}")
         session = self.backend.open_session(p.Format(coded))
         self.streams[stream_id] = DecoderStream(stream_id, coded, in_mem, out_mem, session,
-                                                self.send_event, self.report)
+                                                self.send_event, self.report,
+                                                self.handle.batch)
         return p.reply(p.Resp.OK_NODATA, stream_id)
 
     def stream_destroy(self, command: bytes, request: Request) -> bytes:
