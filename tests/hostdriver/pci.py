@@ -188,7 +188,7 @@ class PciTransport:
 
     def notify(self, index: int) -> None:
         addr = self.regions[NOTIFY_CFG] + self.notify_offsets[index] * self.notify_mult
-        self.qt.write(addr, 2, index)
+        self.qt.write(addr, 2, index, wait=False)
 
     def config_read(self, offset: int, size: int) -> int:
         return self.qt.read(self.regions[DEVICE_CFG] + offset, size)

@@ -16,6 +16,7 @@ class QTest:
         self.sock = sock
         self.buf = b""
         self.irqs: list[str] = []
+        self.unanswered = 0         # posted commands whose OK is still to read
 
     def _line(self) -> str:
         while b"\n" not in self.buf:
@@ -28,10 +29,27 @@ class QTest:
 
     def cmd(self, text: str) -> str:
         self.sock.sendall(text.encode() + b"\n")
+        return self._answer(text)
+
+    def post(self, text: str) -> None:
+        """Send a command without waiting for its answer (a doorbell write:
+        a guest's vCPU does not wait for the device either).  The answer is
+        read, and an error raised, at the next command."""
+        self.sock.sendall(text.encode() + b"\n")
+        self.unanswered += 1
+        if self.unanswered >= 256:          # keep QEMU's socket buffer small
+            self.cmd("endianness")
+
+    def _answer(self, text: str) -> str:
         while True:
             line = self._line()
             if line.startswith("IRQ"):
                 self.irqs.append(line)
+                continue
+            if self.unanswered:             # answers come in order
+                self.unanswered -= 1
+                if not line.startswith("OK"):
+                    raise QTestError(f"an earlier posted command: {line}")
                 continue
             if line.startswith("OK"):
                 return line[2:].strip()
@@ -57,9 +75,9 @@ class QTest:
         return int(self.cmd(f"inl 0x{port:x}"), 16)
 
     # Memory-mapped I/O
-    def write(self, addr: int, size: int, v: int) -> None:
+    def write(self, addr: int, size: int, v: int, wait: bool = True) -> None:
         op = {1: "writeb", 2: "writew", 4: "writel", 8: "writeq"}[size]
-        self.cmd(f"{op} 0x{addr:x} 0x{v:x}")
+        (self.cmd if wait else self.post)(f"{op} 0x{addr:x} 0x{v:x}")
 
     def read(self, addr: int, size: int) -> int:
         op = {1: "readb", 2: "readw", 4: "readl", 8: "readq"}[size]
