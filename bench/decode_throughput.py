@@ -70,12 +70,12 @@ def device(client: VideoClient, sid: int, frames: list[bytes], poll_s: float) ->
     return len(result.pictures) / elapsed
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system time of this process plus that of process ``pid``."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User + system time of this process, and of process ``pid``."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     mine = os.times()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") + mine.user + mine.system
+    return mine.user + mine.system, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def ffmpeg_cli(data: bytes) -> float | None:
@@ -114,7 +114,7 @@ def main() -> None:
                                                  noise=noise))
             frames = frames_of(data)
             fps: dict[str, list[float]] = {"direct": [], "nv12": [], "device": [], "cli": []}
-            ratios, cpu = [], {"nv12": [], "device": []}
+            ratios, cpu = [], {"nv12": [], "device": [], "qemu": [], "driver": []}
             for _ in range(args.repeat):          # interleaved: noise hits both alike
                 fps["direct"].append(pyav_direct(frames, to_nv12=False))
                 c0 = cpu_seconds(m.proc.pid)
@@ -124,8 +124,10 @@ def main() -> None:
                 c2 = cpu_seconds(m.proc.pid)
                 sid += 1
                 ratios.append(fps["device"][-1] / fps["nv12"][-1])
-                cpu["nv12"].append((c1 - c0) / len(frames))
-                cpu["device"].append((c2 - c1) / len(frames))
+                cpu["nv12"].append((sum(c1) - sum(c0)) / len(frames))
+                cpu["device"].append((sum(c2) - sum(c1)) / len(frames))
+                cpu["driver"].append((c2[0] - c1[0]) / len(frames))
+                cpu["qemu"].append((c2[1] - c1[1]) / len(frames))
                 cli = ffmpeg_cli(data)
                 if cli is not None:
                     fps["cli"].append(cli)
@@ -145,8 +147,11 @@ def main() -> None:
                 print(f"  device / ffmpeg CLI:        {best['device'] / best['cli']:.3f}")
             nv12_ms = statistics.median(cpu["nv12"]) * 1e3
             device_ms = statistics.median(cpu["device"]) * 1e3
+            qemu_ms = statistics.median(cpu["qemu"]) * 1e3
+            driver_ms = statistics.median(cpu["driver"]) * 1e3
             print(f"  CPU per frame, all threads: PyAV direct NV12 {nv12_ms:.2f} ms, device "
-                  f"(QEMU + host driver) {device_ms:.2f} ms, ratio {device_ms / nv12_ms:.3f}")
+                  f"{device_ms:.2f} ms (QEMU {qemu_ms:.2f}, host driver {driver_ms:.2f}), "
+                  f"ratio {device_ms / nv12_ms:.3f}")
         times = []
         for _ in range(500):
             t0 = time.perf_counter()

@@ -80,6 +80,13 @@ class ProbeDevice(DeviceModel):
         elif op == "stash-held":
             self.stash = list(self.held)
             self.reply(request, str(len(self.stash)))
+        elif op == "batch-held":
+            # Complete the held requests from a thread inside one completion
+            # batch that stays open for a while after.
+            held, self.held = list(self.held), []
+            threading.Thread(target=self._complete_in_batch, args=(held, float(args[0])),
+                             daemon=True).start()
+            self.reply(request, str(len(held)))
         elif op == "complete-stash":
             self.reply(request, " ".join(str(r.complete(0)) for r in self.stash))
         else:
@@ -88,6 +95,12 @@ class ProbeDevice(DeviceModel):
     def _later(self, request: Request, delay: float) -> None:
         time.sleep(delay)
         request.complete(write_all(request, b"later"))
+
+    def _complete_in_batch(self, requests: list[Request], linger: float) -> None:
+        with self.handle.batch():
+            for r in requests:
+                r.complete(0)
+            time.sleep(linger)          # completed, not pushed before the block ends
 
     @staticmethod
     def _probe(view: memoryview) -> str:

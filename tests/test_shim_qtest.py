@@ -116,6 +116,40 @@ def test_reset_drops_held_requests_and_model_state(probe):
     assert held.poll() is None
 
 
+def hold(dev, n: int) -> None:
+    held = dev.queues[1]
+    for _ in range(n):
+        held.add([b"x"], [8])
+    held.kick()
+    deadline = time.monotonic() + 5
+    while f"held={n}" not in (status := command(dev, "status")):
+        assert time.monotonic() < deadline, status
+
+
+def test_completion_batch_from_a_thread_is_pushed_when_it_ends(probe):
+    _, dev = probe
+    hold(dev, 3)
+    assert command(dev, "batch-held 0.4") == "3"
+    time.sleep(0.15)
+    assert dev.queues[1].poll() is None         # completed inside the batch, not pushed yet
+    used = [dev.queues[1].wait(timeout=5) for _ in range(3)]
+    assert [u.written for u in used] == [0, 0, 0]
+    assert dev.transport.wait_interrupt(1)
+    assert command(dev, "status").startswith("pending=1 held=0")
+
+
+def test_reset_while_a_completion_batch_is_open_drops_its_completions(probe):
+    m, dev = probe
+    hold(dev, 3)
+    assert command(dev, "batch-held 0.5") == "3"
+    dev.initialize()                            # driver reset inside the batch
+    time.sleep(0.8)                             # the batch has ended
+    assert dev.queues[1].poll() is None         # nothing pushed into the new rings
+    assert command(dev, "status").startswith("pending=1 held=0")
+    assert command(dev, "echo fine") == "fine"
+    assert m.alive()
+
+
 def test_hot_unplug_and_replug():
     args = ["-device", "virtio-snd-py-pci,id=snd0,backend=tests.models:ProbeDevice,addr=5"]
     with Machine.x86(args) as m:
@@ -132,6 +166,21 @@ def test_hot_unplug_and_replug():
         dev.initialize()
         assert command(dev, "echo after") == "after"
         assert m.alive()
+
+
+def test_unplug_while_a_completion_batch_is_open():
+    args = ["-device", "virtio-snd-py-pci,id=snd0,backend=tests.models:ProbeDevice,addr=5"]
+    with Machine.x86(args) as m:
+        dev = m.find_virtio(25)
+        dev.initialize()
+        hold(dev, 3)
+        assert command(dev, "batch-held 0.5") == "3"
+        m.qmp.execute("device_del", id="snd0")
+        m.qtest.outl(0xAE08, 1 << 5)
+        m.qmp.wait_event("DEVICE_DELETED")
+        time.sleep(0.8)                         # the batch ended on a device that is gone
+        assert m.alive()
+        assert "Traceback" not in m.stderr()
 
 
 def test_unimportable_backend_stops_qemu_with_one_line():

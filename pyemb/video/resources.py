@@ -35,6 +35,8 @@ class Resource:
 
     def read(self, length: int) -> bytes:
         """The first ``length`` bytes (a copy: the parser keeps them)."""
+        if self.chunks and self.chunks[0].length >= length:
+            return bytes(self.chunks[0].view[:length])     # one copy, not two
         out = bytearray()
         for chunk in self.chunks:
             if len(out) >= length:
