@@ -75,10 +75,13 @@ class VideoClient:
             self.kick()
         return chain.token
 
-    def kick(self) -> None:
+    def kick(self, wait: bool = True) -> None:
+        """Notify the command queue if anything was added.  ``wait``: until
+        QEMU has run the handler (a synchronous reply is in the used ring
+        then); the decode loop goes on at once instead, as a guest does."""
         if self.unkicked:
             self.unkicked = False
-            self.cmdq.kick()
+            self.cmdq.kick(wait)
 
     def poll(self) -> None:
         while (used := self.cmdq.poll()) is not None:
@@ -187,7 +190,7 @@ class VideoClient:
             events, self.events = self.events, []
             for run in runs:
                 run.step([ev for ev in events if ev[1] == run.sid])
-            self.kick()             # one notification for everything queued above
+            self.kick(wait=False)   # one notification for everything queued above
             time.sleep(poll_interval)
         for run in runs:
             run.destroy()

@@ -86,8 +86,8 @@ class MmioTransport:
     def setup_config_vector(self) -> None:
         pass
 
-    def notify(self, index: int) -> None:
-        self._w(QUEUE_NOTIFY, index)
+    def notify(self, index: int, wait: bool = True) -> None:
+        self.qt.write(self.base + QUEUE_NOTIFY, 4, index, wait)
 
     def config_read(self, offset: int, size: int) -> int:
         return self.qt.read(self.base + CONFIG + offset, size)

@@ -186,9 +186,9 @@ class PciTransport:
     def setup_config_vector(self) -> None:
         self.qt.write(self.common + MSIX_CONFIG, 2, 0)
 
-    def notify(self, index: int) -> None:
+    def notify(self, index: int, wait: bool = True) -> None:
         addr = self.regions[NOTIFY_CFG] + self.notify_offsets[index] * self.notify_mult
-        self.qt.write(addr, 2, index, wait=False)
+        self.qt.write(addr, 2, index, wait)
 
     def config_read(self, offset: int, size: int) -> int:
         return self.qt.read(self.regions[DEVICE_CFG] + offset, size)
