@@ -97,12 +97,8 @@ def write_all(request: Request, data: bytes | memoryview) -> int:
     short buffer is an error).
     """
     src = memoryview(data).cast("B")
-    views = request.writable
-    if views and len(views[0]) >= len(src):     # the usual case: one buffer
-        views[0][:len(src)] = src
-        return len(src)
     done = 0
-    for view in views:
+    for view in request.writable:
         if done >= len(src):
             break
         n = min(len(view), len(src) - done)

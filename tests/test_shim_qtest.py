@@ -97,15 +97,22 @@ def test_chain_outside_guest_ram_is_returned_unused(probe):
     assert command(dev, "echo fine") == "fine"
 
 
-def test_reset_drops_held_requests_and_model_state(probe):
-    m, dev = probe
+def hold(dev, n: int) -> str:
+    """Have the probe hold ``n`` requests of queue 1; returns its status."""
     held = dev.queues[1]
-    for _ in range(3):
+    for _ in range(n):
         held.add([b"x"], [8])
     held.kick()
     deadline = time.monotonic() + 5
-    while "held=3" not in (status := command(dev, "status")):
+    while f"held={n}" not in (status := command(dev, "status")):
         assert time.monotonic() < deadline, status
+    return status
+
+
+def test_reset_drops_held_requests_and_model_state(probe):
+    m, dev = probe
+    held = dev.queues[1]
+    status = hold(dev, 3)
     assert "pending=4" in status                # 3 held + this status request
     resets = int(status.split("resets=")[1])
     assert command(dev, "stash-held") == "3"
@@ -114,16 +121,6 @@ def test_reset_drops_held_requests_and_model_state(probe):
     # The model completing a dropped request is told so, nothing is pushed twice.
     assert command(dev, "complete-stash") == "False False False"
     assert held.poll() is None
-
-
-def hold(dev, n: int) -> None:
-    held = dev.queues[1]
-    for _ in range(n):
-        held.add([b"x"], [8])
-    held.kick()
-    deadline = time.monotonic() + 5
-    while f"held={n}" not in (status := command(dev, "status")):
-        assert time.monotonic() < deadline, status
 
 
 def test_completion_batch_from_a_thread_is_pushed_when_it_ends(probe):

@@ -40,8 +40,8 @@ class MmioTransport:
     def _r(self, off: int) -> int:
         return self.qt.read(self.base + off, 4)
 
-    def _w(self, off: int, v: int) -> None:
-        self.qt.write(self.base + off, 4, v)
+    def _w(self, off: int, v: int, wait: bool = True) -> None:
+        self.qt.write(self.base + off, 4, v, wait)
 
     @property
     def device_id(self) -> int:
@@ -87,7 +87,7 @@ class MmioTransport:
         pass
 
     def notify(self, index: int, wait: bool = True) -> None:
-        self.qt.write(self.base + QUEUE_NOTIFY, 4, index, wait)
+        self._w(QUEUE_NOTIFY, index, wait)
 
     def config_read(self, offset: int, size: int) -> int:
         return self.qt.read(self.base + CONFIG + offset, size)
