@@ -126,36 +126,40 @@ def test_chunks_that_do_not_match_frame_boundaries(video):
 
 
 class RunWithBadOutput(StreamRun):
-    """Queues, before its good output buffers, one PER_PLANE buffer whose
-    chroma offset leaves too little room for the chroma plane."""
+    """Queues, alone, one PER_PLANE buffer whose chroma offset leaves too
+    little room for the chroma plane, and holds the good buffers back until
+    its reply is in (so the bad one is tried whichever free buffer the
+    device would pick first)."""
 
     def __init__(self, *args, entries_per_plane: tuple[int, int], **kw) -> None:
         super().__init__(*args, **kw)
         self.entries_per_plane = entries_per_plane
-        self.bad_tokens: list[int] = []
+        self.bad_token: int | None = None
         self.bad_replies: list[int] = []
 
     def reallocate_outputs(self) -> None:
         c, sid = self.c, self.sid
-        if not self.bad_tokens:
-            params = c.get_params(sid, p.QueueType.OUTPUT)
-            size = sum(s for s, _ in params.plane_formats)
-            luma, stride = params.plane_formats[0]
-            chunks = sum(self.entries_per_plane)
-            entries = c.alloc_entries(size, chunks)
-            num = [*self.entries_per_plane] + [0] * 6
-            offsets = [0, size - stride] + [0] * 6     # one chroma row fits, not all
-            cmd = p.RESOURCE_CREATE.pack(p.Cmd.RESOURCE_CREATE, sid, p.QueueType.OUTPUT, 99,
-                                         p.PlanesLayout.PER_PLANE, 2, *offsets, *num)
-            c.call_ok(cmd, extra=b"".join(p.MEM_ENTRY.pack(a, n) for a, n in entries))
-            self.bad_tokens.append(c.queue(sid, p.QueueType.OUTPUT, 99))
-        super().reallocate_outputs()
+        if self.bad_token is not None or self.bad_replies:
+            super().reallocate_outputs()
+            return
+        params = c.get_params(sid, p.QueueType.OUTPUT)
+        size = sum(s for s, _ in params.plane_formats)
+        luma, stride = params.plane_formats[0]
+        chunks = sum(self.entries_per_plane)
+        entries = c.alloc_entries(size, chunks)
+        num = [*self.entries_per_plane] + [0] * 6
+        offsets = [0, size - stride] + [0] * 6     # one chroma row fits, not all
+        cmd = p.RESOURCE_CREATE.pack(p.Cmd.RESOURCE_CREATE, sid, p.QueueType.OUTPUT, 99,
+                                     p.PlanesLayout.PER_PLANE, 2, *offsets, *num)
+        c.call_ok(cmd, extra=b"".join(p.MEM_ENTRY.pack(a, n) for a, n in entries))
+        self.bad_token = c.queue(sid, p.QueueType.OUTPUT, 99)
 
     def step(self, events: list[tuple[int, int]]) -> None:
-        for token in [t for t in self.bad_tokens if t in self.c.done]:
-            self.bad_tokens.remove(token)
-            reply = self.c.done.pop(token).data
+        if self.bad_token is not None and self.bad_token in self.c.done:
+            reply = self.c.done.pop(self.bad_token).data
+            self.bad_token = None
             self.bad_replies.append(p.RESOURCE_QUEUE_RESP.unpack(reply)[3])
+            super().reallocate_outputs()        # now the good buffers
         super().step(events)
 
 

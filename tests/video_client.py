@@ -244,11 +244,11 @@ class StreamRun:
             self.in_flight[c.queue(sid, p.QueueType.INPUT, rid, ts, len(data), kick=False)] = rid
         if not self.todo and not self.in_flight and self.drain_token is None:
             self.drain_token = c.submit(p.HDR.pack(p.Cmd.STREAM_DRAIN, sid))
-        for token in [t for t in self.in_flight if t in c.done]:
+        for token in [t for t in c.done if t in self.in_flight]:     # used-ring order
             _, _, ts, flags, _ = p.RESOURCE_QUEUE_RESP.unpack(c.done.pop(token).data)
             result.input_flags.append(flags)
             self.free_inputs.append(self.in_flight.pop(token))
-        for token in [t for t in self.out_flight if t in c.done]:
+        for token in [t for t in c.done if t in self.out_flight]:
             self.take_output(token, c.done.pop(token).data, requeue=True)
         # Pictures returned before an event belong to the old geometry.
         for ev in events:
@@ -256,7 +256,7 @@ class StreamRun:
             if ev[0] == p.EventType.DECODER_RESOLUTION_CHANGED:
                 self.reallocate_outputs()
         # Replies that arrived while reallocating come before the drain's.
-        for token in [t for t in self.out_flight if t in c.done]:
+        for token in [t for t in c.done if t in self.out_flight]:
             self.take_output(token, c.done.pop(token).data, requeue=True)
         if self.drain_token is not None and self.drain_token in c.done:
             result.drain_status = p.HDR.unpack_from(c.done.pop(self.drain_token).data)[0]
