@@ -96,9 +96,14 @@ def write_all(request: Request, data: bytes | memoryview) -> int:
     Data beyond the writable size is cut off (the caller decides whether a
     short buffer is an error).
     """
+    views = request.writable
+    if len(views) == 1 and isinstance(data, bytes):    # a reply: the common case
+        n = min(len(views[0]), len(data))
+        views[0][:n] = data if n == len(data) else data[:n]
+        return n
     src = memoryview(data).cast("B")
     done = 0
-    for view in request.writable:
+    for view in views:
         if done >= len(src):
             break
         n = min(len(view), len(src) - done)

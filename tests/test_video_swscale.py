@@ -94,3 +94,38 @@ def test_converter_declines_pictures_larger_than_the_frame():
     buf = np.zeros(64 * 64 * 2, np.uint8)
     assert not Converter().write(frame, "nv12", 64, 64, buf.ctypes.data, buf.nbytes,
                                  [(0, 64), (64 * 64, 64)])
+
+
+
+def tight_layout(fmt: int, width: int, height: int) -> list[tuple[int, int]]:
+    target = "nv12" if fmt == p.Format.NV12 else "yuv420p"
+    layout, offset = [], 0
+    for rows, row_bytes in plane_shapes(target, width, height):
+        layout.append((offset, row_bytes))
+        offset += rows * row_bytes
+    return layout
+
+
+def test_one_converter_follows_every_change_of_size_layout_and_target():
+    """What it keeps between pictures (scaler context, layout check, argument
+    arrays) is redone whenever a picture differs from the one before."""
+    conv = Converter()
+    steps = [((322, 242), p.Format.NV12, padded_layout), ((322, 242), p.Format.NV12, tight_layout),
+             ((160, 96), p.Format.NV12, tight_layout), ((160, 96), p.Format.YUV420, padded_layout),
+             ((160, 96), p.Format.YUV420, tight_layout), ((322, 242), p.Format.NV12, padded_layout)]
+    for (width, height), fmt, make_layout in steps:
+        frame = picture(width, height, width % 7, noise=20)
+        target = "nv12" if fmt == p.Format.NV12 else "yuv420p"
+        layout = make_layout(fmt, width, height)
+        shapes = plane_shapes(target, width, height)
+        end = max(off + stride * rows
+                  for (off, stride), (rows, _) in zip(layout, shapes, strict=True))
+        buf = np.zeros(end, np.uint8)
+        assert conv.write(frame, target, width, height, buf.ctypes.data, buf.nbytes, layout)
+        assert visible_from(buf, fmt, width, height, layout) == visible(frame, fmt)
+    # The same layout in a buffer one byte too short is refused, even right
+    # after it fitted.
+    (offset, stride), (rows, row_bytes) = layout[-1], shapes[-1]
+    with pytest.raises(ValueError):
+        conv.write(frame, target, width, height, buf.ctypes.data,
+                   offset + stride * (rows - 1) + row_bytes - 1, layout)

@@ -105,6 +105,8 @@ class DecoderStream:
         self.geometry: tuple[int, int] | None = None    # visible size being output
         self.awaiting_params = False        # resolution changed, driver not caught up
         self.stopped = False
+        self._layout_of: list[tuple[int, int]] | None = None    # see _output_layout
+        self._layout_cache: tuple[list[tuple[int, int]], int] = ([], 0)
         self.thread = threading.Thread(target=self._run, name=f"pyemb-video-stream{stream_id}",
                                        daemon=True)
         self.thread.start()
@@ -308,16 +310,23 @@ class DecoderStream:
         self.awaiting_params = True
         self.send_event(p.EventType.DECODER_RESOLUTION_CHANGED, self.id)
 
-    def _layout(self) -> list[tuple[int, int]]:
-        """(offset, stride) of each plane of the OUTPUT params."""
-        offset, layout = 0, []
-        for size, stride in self.params[p.QueueType.OUTPUT].plane_formats:
-            layout.append((offset, stride))
-            offset += size
-        return layout
+    def _output_layout(self) -> tuple[list[tuple[int, int]], int]:
+        """(offset, stride) of each plane of the OUTPUT params, and the bytes
+        they take.  Asked for every picture; recomputed only when the
+        params' plane_formats list is replaced (it is never changed in
+        place)."""
+        plane_formats = self.params[p.QueueType.OUTPUT].plane_formats
+        if self._layout_of is not plane_formats:
+            offset, layout = 0, []
+            for size, stride in plane_formats:
+                layout.append((offset, stride))
+                offset += size
+            self._layout_cache = (layout, offset)
+            self._layout_of = plane_formats
+        return self._layout_cache
 
     def _bytes_needed(self) -> int:
-        return sum(size for size, _ in self.params[p.QueueType.OUTPUT].plane_formats)
+        return self._output_layout()[1]
 
     def _take_output(self, needed: int) -> OutputBuffer | None:
         """The most recently queued buffer that is big enough.  Newest first
@@ -337,8 +346,7 @@ class DecoderStream:
         """Lay the picture out at the params' strides and plane offsets,
         straight into guest memory when the buffer is one chunk."""
         params = self.params[p.QueueType.OUTPUT]
-        needed = self._bytes_needed()
-        layout = self._layout()
+        layout, needed = self._output_layout()
         if len(resource.plane_offsets) == len(layout) and resource.planes_layout == 2:
             layout = [(off, stride) for off, (_, stride)
                       in zip(resource.plane_offsets, layout, strict=True)]

@@ -106,10 +106,21 @@ def layout_fits(layout: list[tuple[int, int]], shapes: list[tuple[int, int]],
 
 
 class Converter:
-    """One stream's scaler context; use it from one thread at a time."""
+    """One stream's scaler context; use it from one thread at a time.
+
+    Every picture of a stream usually has the same size and goes to a
+    buffer of the same layout: the scaler context, the layout check and the
+    ctypes argument arrays are kept and only redone when those change (each
+    rebuild costs microseconds, on the worker's serial path)."""
 
     def __init__(self) -> None:
         self._ctx: int | None = None
+        self._ctx_key: tuple[str, str, int, int] | None = None
+        self._fits_key: tuple[Any, ...] | None = None
+        self._src = (ctypes.c_void_p * 4)()
+        self._src_strides = (ctypes.c_int * 4)()
+        self._dst = (ctypes.c_void_p * 4)()
+        self._dst_strides = (ctypes.c_int * 4)()
 
     def write(self, frame: Any, target: str, width: int, height: int, dst_address: int,
               dst_size: int, layout: list[tuple[int, int]]) -> bool:
@@ -118,24 +129,34 @@ class Converter:
         its (offset, stride).  False, with nothing written, where this
         conversion is not one this module does."""
         lib = _load()
-        if lib is None or target not in TARGETS or frame.format.name not in I420_LIKE:
+        source = frame.format.name
+        if lib is None or target not in TARGETS or source not in I420_LIKE:
             return False
         if width > frame.width or height > frame.height:
             return False
-        if not layout_fits(layout, plane_shapes(target, width, height), dst_size):
-            raise ValueError("picture planes do not fit the output buffer")
+        fits_key = (target, width, height, dst_size, *layout)
+        if fits_key != self._fits_key:
+            if not layout_fits(layout, plane_shapes(target, width, height), dst_size):
+                raise ValueError("picture planes do not fit the output buffer")
+            self._fits_key = fits_key
+            for i, (_, stride) in enumerate(layout):
+                self._dst_strides[i] = stride
         sws, formats = lib
-        self._ctx = sws.sws_getCachedContext(
-            self._ctx, width, height, formats[frame.format.name], width, height,
-            formats[target], SWS_POINT, None, None, None)
-        if not self._ctx:
-            return False
-        planes = frame.planes
-        src = (ctypes.c_void_p * 4)(*(pl.buffer_ptr for pl in planes[:3]))
-        src_strides = (ctypes.c_int * 4)(*(pl.line_size for pl in planes[:3]))
-        dst = (ctypes.c_void_p * 4)(*(dst_address + offset for offset, _ in layout))
-        dst_strides = (ctypes.c_int * 4)(*(stride for _, stride in layout))
-        sws.sws_scale(self._ctx, src, src_strides, 0, height, dst, dst_strides)
+        ctx_key = (source, target, width, height)
+        if ctx_key != self._ctx_key:
+            self._ctx = sws.sws_getCachedContext(
+                self._ctx, width, height, formats[source], width, height,
+                formats[target], SWS_POINT, None, None, None)
+            self._ctx_key = ctx_key if self._ctx else None
+            if not self._ctx:
+                return False
+        src, src_strides, dst = self._src, self._src_strides, self._dst
+        for i, plane in enumerate(frame.planes[:3]):
+            src[i] = plane.buffer_ptr
+            src_strides[i] = plane.line_size
+        for i, (offset, _) in enumerate(layout):
+            dst[i] = dst_address + offset
+        sws.sws_scale(self._ctx, src, src_strides, 0, height, dst, self._dst_strides)
         return True
 
     def close(self) -> None:
@@ -144,3 +165,4 @@ class Converter:
             if lib is not None:
                 lib[0].sws_freeContext(self._ctx)
         self._ctx = None
+        self._ctx_key = None
