@@ -9,8 +9,10 @@ must), and the ffmpeg CLI when one is installed (`make bench` installs
 Debian's; its FFmpeg is older than PyAV's).  Prints frames per second, the
 ratios (best of the repeats, and the median of ratios of runs made back to
 back, which the machine's noise disturbs less), and the CPU time per frame
-of every thread involved (QEMU's and the host driver's vs PyAV's): on a
-machine with as few cores as this one's, extra CPU is what costs frames.
+of every thread involved (QEMU's and the host driver's vs PyAV's), and per
+thread role (FFmpeg's decoder threads, the stream worker, QEMU's main loop,
+the host driver; PyAV's calling thread): on a machine with as few cores as
+this one's, extra CPU is what costs frames.
 Target: device >= 0.95 x PyAV direct (to NV12).
 
     .venv/bin/python -m bench.decode_throughput [--frames 300] [--repeat 3] [--poll-ms 2]
@@ -19,6 +21,7 @@ Target: device >= 0.95 x PyAV direct (to NV12).
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import os
 import shutil
@@ -40,11 +43,16 @@ def frames_of(data: bytes) -> list[bytes]:
     return [bytes(pkt) for pkt in [*ctx.parse(data), *ctx.parse(None)] if pkt.size]
 
 
-def pyav_direct(frames: list[bytes], to_nv12: bool) -> float:
+def pyav_direct(frames: list[bytes], to_nv12: bool,
+                threads: list[collections.Counter[str]] | None = None) -> float:
+    """Frames per second; ``threads``: gets the CPU by thread role at the
+    start and at the end, while the decoder's threads still live."""
     ctx = av.CodecContext.create("h264", "r")
     ctx.thread_type = "AUTO"
     ctx.thread_count = 0
     n = 0
+    if threads is not None:
+        threads.append(thread_cpu(os.getpid(), "PyAV caller"))
     t0 = time.perf_counter()
     for chunk in [*frames, None]:
         for pkt in ctx.parse(chunk):
@@ -56,17 +64,41 @@ def pyav_direct(frames: list[bytes], to_nv12: bool) -> float:
         if to_nv12:
             frame.reformat(format="nv12", threads=1)
         n += 1
-    return n / (time.perf_counter() - t0)
+    elapsed = time.perf_counter() - t0
+    if threads is not None:
+        threads.append(thread_cpu(os.getpid(), "PyAV caller"))
+    return n / elapsed
 
 
-def device(client: VideoClient, sid: int, frames: list[bytes], poll_s: float) -> float:
-    run = StreamRun(client, sid, p.Format.H264, [(f, i) for i, f in enumerate(frames)],
-                    input_buffers=16, output_buffers=24, read_pictures=False)
+class MeasuredRun(StreamRun):
+    """Takes the CPU by thread role just before the stream is destroyed."""
+
+    def __init__(self, *args, qemu_pid: int, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.qemu_pid = qemu_pid
+        self.threads: list[collections.Counter[str]] = []
+
+    def snapshot(self) -> None:
+        self.threads.append(thread_cpu(os.getpid(), "host driver")
+                            + thread_cpu(self.qemu_pid, "QEMU main loop"))
+
+    def destroy(self) -> None:
+        self.snapshot()
+        super().destroy()
+
+
+def device(client: VideoClient, sid: int, frames: list[bytes], poll_s: float,
+           threads: list[collections.Counter[str]]) -> float:
+    run = MeasuredRun(client, sid, p.Format.H264, [(f, i) for i, f in enumerate(frames)],
+                      input_buffers=16, output_buffers=24, read_pictures=False,
+                      qemu_pid=client.m.proc.pid)
     run.start()     # stream and input resources: set-up, not throughput
+    run.snapshot()
     t0 = time.perf_counter()
     result = client.run([run], poll_interval=poll_s)[0]
     elapsed = time.perf_counter() - t0
     assert len(result.pictures) == len(frames)
+    threads += run.threads
     return len(result.pictures) / elapsed
 
 
@@ -76,6 +108,37 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
         fields = f.read().rsplit(")", 1)[1].split()
     mine = os.times()
     return mine.user + mine.system, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu(pid: int, main_role: str) -> collections.Counter[str]:
+    """CPU nanoseconds so far of every live thread of ``pid``, summed by
+    role.  Decoder threads end with their stream: take it before that."""
+    roles: collections.Counter[str] = collections.Counter()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                name = f.read().strip()
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                ns = int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            continue                    # a thread that ended in between
+        if name.startswith("av:"):
+            role = "FFmpeg threads"
+        elif name.startswith("pyemb-video"):
+            role = "stream worker"
+        elif int(tid) == pid:
+            role = main_role
+        else:
+            role = "other threads"
+        roles[role] += ns
+    return roles
+
+
+def by_thread(before: collections.Counter[str], after: collections.Counter[str],
+              frames: int) -> str:
+    return ", ".join(f"{role} {(after[role] - before[role]) / frames / 1e3:.0f}"
+                     for role in sorted(after, key=lambda r: before[r] - after[r])
+                     if after[role] - before[role] > frames * 1e3)
 
 
 def ffmpeg_cli(data: bytes) -> float | None:
@@ -115,13 +178,17 @@ def main() -> None:
             frames = frames_of(data)
             fps: dict[str, list[float]] = {"direct": [], "nv12": [], "device": [], "cli": []}
             ratios, cpu = [], {"nv12": [], "device": [], "qemu": [], "driver": []}
+            threads: dict[str, list[str]] = {"nv12": [], "device": []}
             for _ in range(args.repeat):          # interleaved: noise hits both alike
                 fps["direct"].append(pyav_direct(frames, to_nv12=False))
-                c0 = cpu_seconds(m.proc.pid)
-                fps["nv12"].append(pyav_direct(frames, to_nv12=True))
-                c1 = cpu_seconds(m.proc.pid)
-                fps["device"].append(device(client, sid, frames, args.poll_ms / 1000))
+                c0, direct_threads = cpu_seconds(m.proc.pid), []
+                fps["nv12"].append(pyav_direct(frames, True, direct_threads))
+                c1, device_threads = cpu_seconds(m.proc.pid), []
+                fps["device"].append(device(client, sid, frames, args.poll_ms / 1000,
+                                            device_threads))
                 c2 = cpu_seconds(m.proc.pid)
+                threads["nv12"].append(by_thread(*direct_threads, len(frames)))
+                threads["device"].append(by_thread(*device_threads, len(frames)))
                 sid += 1
                 ratios.append(fps["device"][-1] / fps["nv12"][-1])
                 cpu["nv12"].append((sum(c1) - sum(c0)) / len(frames))
@@ -152,6 +219,10 @@ def main() -> None:
             print(f"  CPU per frame, all threads: PyAV direct NV12 {nv12_ms:.2f} ms, device "
                   f"{device_ms:.2f} ms (QEMU {qemu_ms:.2f}, host driver {driver_ms:.2f}), "
                   f"ratio {device_ms / nv12_ms:.3f}")
+            middle = len(ratios) // 2            # the threads of the median paired run
+            run = sorted(range(len(ratios)), key=ratios.__getitem__)[middle]
+            print(f"  us per frame by thread, median run: PyAV direct NV12: "
+                  f"{threads['nv12'][run]}; device: {threads['device'][run]}")
         times = []
         for _ in range(500):
             t0 = time.perf_counter()
