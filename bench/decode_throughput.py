@@ -9,10 +9,10 @@ must), and the ffmpeg CLI when one is installed (`make bench` installs
 Debian's; its FFmpeg is older than PyAV's).  Prints frames per second, the
 ratios (best of the repeats, and the median of ratios of runs made back to
 back, which the machine's noise disturbs less), and the CPU time per frame
-of every thread involved (QEMU's and the host driver's vs PyAV's), and per
-thread role (FFmpeg's decoder threads, the stream worker, QEMU's main loop,
-the host driver; PyAV's calling thread): on a machine with as few cores as
-this one's, extra CPU is what costs frames.
+of every thread involved, in all and by role (FFmpeg's decoder threads, the
+stream worker, QEMU's main loop, the host driver; PyAV's calling thread),
+read from each thread's schedstat: on a machine with as few cores as this
+one's, extra CPU is what costs frames.
 Target: device >= 0.95 x PyAV direct (to NV12).
 
     .venv/bin/python -m bench.decode_throughput [--frames 300] [--repeat 3] [--poll-ms 2]
@@ -102,14 +102,6 @@ def device(client: VideoClient, sid: int, frames: list[bytes], poll_s: float,
     return len(result.pictures) / elapsed
 
 
-def cpu_seconds(pid: int) -> tuple[float, float]:
-    """User + system time of this process, and of process ``pid``."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    mine = os.times()
-    return mine.user + mine.system, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def thread_cpu(pid: int, main_role: str) -> collections.Counter[str]:
     """CPU nanoseconds so far of every live thread of ``pid``, summed by
     role.  Decoder threads end with their stream: take it before that."""
@@ -134,11 +126,15 @@ def thread_cpu(pid: int, main_role: str) -> collections.Counter[str]:
     return roles
 
 
-def by_thread(before: collections.Counter[str], after: collections.Counter[str],
-              frames: int) -> str:
-    return ", ".join(f"{role} {(after[role] - before[role]) / frames / 1e3:.0f}"
-                     for role in sorted(after, key=lambda r: before[r] - after[r])
-                     if after[role] - before[role] > frames * 1e3)
+def per_frame(before: collections.Counter[str], after: collections.Counter[str],
+              frames: int) -> dict[str, float]:
+    """Microseconds of CPU per frame by thread role, busiest first."""
+    used = {role: (after[role] - before[role]) / frames / 1e3 for role in after}
+    return dict(sorted(((r, us) for r, us in used.items() if us >= 1), key=lambda x: -x[1]))
+
+
+def roles_line(used: dict[str, float]) -> str:
+    return ", ".join(f"{role} {us:.0f}" for role, us in used.items())
 
 
 def ffmpeg_cli(data: bytes) -> float | None:
@@ -177,24 +173,19 @@ def main() -> None:
                                                  noise=noise))
             frames = frames_of(data)
             fps: dict[str, list[float]] = {"direct": [], "nv12": [], "device": [], "cli": []}
-            ratios, cpu = [], {"nv12": [], "device": [], "qemu": [], "driver": []}
-            threads: dict[str, list[str]] = {"nv12": [], "device": []}
+            ratios: list[float] = []
+            used: dict[str, list[dict[str, float]]] = {"nv12": [], "device": []}
             for _ in range(args.repeat):          # interleaved: noise hits both alike
                 fps["direct"].append(pyav_direct(frames, to_nv12=False))
-                c0, direct_threads = cpu_seconds(m.proc.pid), []
+                direct_threads: list[collections.Counter[str]] = []
                 fps["nv12"].append(pyav_direct(frames, True, direct_threads))
-                c1, device_threads = cpu_seconds(m.proc.pid), []
+                device_threads: list[collections.Counter[str]] = []
                 fps["device"].append(device(client, sid, frames, args.poll_ms / 1000,
                                             device_threads))
-                c2 = cpu_seconds(m.proc.pid)
-                threads["nv12"].append(by_thread(*direct_threads, len(frames)))
-                threads["device"].append(by_thread(*device_threads, len(frames)))
+                used["nv12"].append(per_frame(*direct_threads, len(frames)))
+                used["device"].append(per_frame(*device_threads, len(frames)))
                 sid += 1
                 ratios.append(fps["device"][-1] / fps["nv12"][-1])
-                cpu["nv12"].append((sum(c1) - sum(c0)) / len(frames))
-                cpu["device"].append((sum(c2) - sum(c1)) / len(frames))
-                cpu["driver"].append((c2[0] - c1[0]) / len(frames))
-                cpu["qemu"].append((c2[1] - c1[1]) / len(frames))
                 cli = ffmpeg_cli(data)
                 if cli is not None:
                     fps["cli"].append(cli)
@@ -212,17 +203,14 @@ def main() -> None:
             print(f"  device / PyAV direct:       {best['device'] / best['direct']:.3f}")
             if "cli" in best:
                 print(f"  device / ffmpeg CLI:        {best['device'] / best['cli']:.3f}")
-            nv12_ms = statistics.median(cpu["nv12"]) * 1e3
-            device_ms = statistics.median(cpu["device"]) * 1e3
-            qemu_ms = statistics.median(cpu["qemu"]) * 1e3
-            driver_ms = statistics.median(cpu["driver"]) * 1e3
-            print(f"  CPU per frame, all threads: PyAV direct NV12 {nv12_ms:.2f} ms, device "
-                  f"{device_ms:.2f} ms (QEMU {qemu_ms:.2f}, host driver {driver_ms:.2f}), "
-                  f"ratio {device_ms / nv12_ms:.3f}")
-            middle = len(ratios) // 2            # the threads of the median paired run
-            run = sorted(range(len(ratios)), key=ratios.__getitem__)[middle]
-            print(f"  us per frame by thread, median run: PyAV direct NV12: "
-                  f"{threads['nv12'][run]}; device: {threads['device'][run]}")
+            nv12_ms = statistics.median(sum(u.values()) for u in used["nv12"]) / 1e3
+            device_ms = statistics.median(sum(u.values()) for u in used["device"]) / 1e3
+            print(f"  CPU per frame, all threads: PyAV direct NV12 {nv12_ms:.2f} ms, "
+                  f"device {device_ms:.2f} ms, ratio {device_ms / nv12_ms:.3f} (medians)")
+            middle = sorted(range(len(ratios)), key=ratios.__getitem__)[len(ratios) // 2]
+            print(f"  us per frame by thread, median paired run: PyAV direct NV12: "
+                  f"{roles_line(used['nv12'][middle])}; device: "
+                  f"{roles_line(used['device'][middle])}")
         times = []
         for _ in range(500):
             t0 = time.perf_counter()
