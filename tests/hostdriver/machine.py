@@ -69,11 +69,20 @@ class Machine:
         try:
             return self._start()
         except BaseException:
-            # Never leave a QEMU behind, whatever went wrong.
+            # Never leave a QEMU or its files behind, whatever went wrong
+            # (a device that refuses its config ends here, in many tests).
             if self.proc is not None and self.proc.poll() is None:
                 self.proc.kill()
                 self.proc.wait()
+            self._remove_files()
             raise
+
+    def _remove_files(self) -> None:
+        ram_path = getattr(self, "ram_path", None)
+        if ram_path is not None and os.path.exists(ram_path):
+            os.unlink(ram_path)
+        if getattr(self, "tmp", None) is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
     def _start(self) -> Machine:
         self.tmp = tempfile.mkdtemp(prefix="pyemb-test-")
@@ -131,6 +140,10 @@ class Machine:
         fd = os.open(self.ram_path, os.O_RDWR)
         self.mm = mmap.mmap(fd, size)
         os.close(fd)
+        # QEMU answered QMP, so it is past machine set-up and has the RAM
+        # mapped: the name can go now, and the RAM goes with the last of the
+        # two mappings, even if this driver or QEMU is killed.
+        os.unlink(self.ram_path)
         self.mem = GuestMemory(self.mm, self.ram_base, size)
         # Low 16 MiB: MSI-X words and BIOS areas; the rest for queues and buffers.
         self.alloc = Allocator(self.ram_base + (16 << 20), self.ram_base + size)
@@ -171,10 +184,8 @@ class Machine:
         for closer in (getattr(self, "mm", None),):
             if closer is not None:
                 closer.close()
-        if os.path.exists(self.ram_path):
-            os.unlink(self.ram_path)
         self.exit_stderr = self.stderr()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        self._remove_files()
         return rc
 
     def __enter__(self) -> Machine:
