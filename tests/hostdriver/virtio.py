@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import struct
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from tests.hostdriver.memory import Allocator, GuestMemory
@@ -11,6 +12,9 @@ from tests.hostdriver.memory import Allocator, GuestMemory
 ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK, NEEDS_RESET, FAILED = 1, 2, 4, 8, 64, 128
 VIRTIO_F_VERSION_1 = 32
 DESC_F_NEXT, DESC_F_WRITE = 1, 2
+DESC = struct.Struct("<QIHH")           # addr, len, flags, next
+USED_ELEM = struct.Struct("<II")        # id, len
+U16 = struct.Struct("<H")
 
 
 class Transport(Protocol):
@@ -33,6 +37,19 @@ class Transport(Protocol):
 
 
 @dataclass
+class Slot:
+    """Guest buffers and a written descriptor chain for requests of one
+    shape (buffer sizes), kept for the next request of that shape: a driver
+    reuses its request structures instead of allocating, zeroing and
+    describing fresh ones every time."""
+
+    shape: tuple[tuple[int, ...], tuple[int, ...]]     # out and in sizes
+    descs: list[int]
+    out_bufs: list[tuple[int, int]]
+    in_bufs: list[tuple[int, int]]          # (gpa, length)
+
+
+@dataclass
 class Chain:
     """A descriptor chain made available to the device."""
 
@@ -40,8 +57,8 @@ class Chain:
     descs: list[int]
     out_bufs: list[tuple[int, int]]
     in_bufs: list[tuple[int, int]]          # (gpa, length)
-    owned: list[int] = field(default_factory=list)
     token: int = 0                          # unique per queue: heads are reused
+    slot: Slot | None = None                # None: add_raw's caller owns the buffers
 
 
 @dataclass
@@ -63,7 +80,11 @@ class SplitQueue:
         mem.write(self.desc, bytes(16 * size))
         mem.write(self.avail, bytes(6 + 2 * size))
         mem.write(self.used, bytes(6 + 8 * size))
+        # The rings are touched for every request: by offset into the
+        # mapping, without GuestMemory's per-call checks.
+        self.mm, self.base = mem.mm, mem.base
         self.free = list(range(size))
+        self.slots: dict[tuple[tuple[int, ...], tuple[int, ...]], list[Slot]] = {}
         self.avail_idx = 0
         self.last_used = 0
         self.inflight: dict[int, Chain] = {}
@@ -71,43 +92,66 @@ class SplitQueue:
         dev.transport.setup_queue(index, size, self.desc, self.avail, self.used)
 
     # -- making chains available -----------------------------------------------
-    def add_raw(self, descs: list[tuple[int, int, bool]]) -> Chain:
-        """Descriptors as (gpa, length, device_writable); nothing allocated."""
+    def _write_chain(self, descs: list[tuple[int, int, bool]]) -> list[int]:
         if len(descs) > len(self.free):
-            raise RuntimeError("virtqueue full")
-        mem = self.dev.mem
+            self._release_slots()
+            if len(descs) > len(self.free):
+                raise RuntimeError("virtqueue full")
         ids = [self.free.pop() for _ in descs]
         for i, (addr, length, writable) in enumerate(descs):
             flags = (DESC_F_WRITE if writable else 0) | (DESC_F_NEXT if i + 1 < len(ids) else 0)
             nxt = ids[i + 1] if i + 1 < len(ids) else 0
-            mem.pack("<QIHH", self.desc + 16 * ids[i], addr, length, flags, nxt)
-        chain = Chain(ids[0], ids, [(a, n) for a, n, w in descs if not w],
-                      [(a, n) for a, n, w in descs if w], token=self.serial)
+            DESC.pack_into(self.mm, self.desc - self.base + 16 * ids[i], addr, length, flags, nxt)
+        return ids
+
+    def _publish(self, chain: Chain) -> Chain:
+        chain.token = self.serial
         self.serial += 1
         self.inflight[chain.head] = chain
-        mem.pack("<H", self.avail + 4 + 2 * (self.avail_idx % self.size), chain.head)
+        avail = self.avail - self.base
+        U16.pack_into(self.mm, avail + 4 + 2 * (self.avail_idx % self.size), chain.head)
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
-        mem.pack("<H", self.avail + 2, self.avail_idx)
+        U16.pack_into(self.mm, avail + 2, self.avail_idx)
         return chain
 
+    def add_raw(self, descs: list[tuple[int, int, bool]]) -> Chain:
+        """Descriptors as (gpa, length, device_writable); nothing allocated."""
+        ids = self._write_chain(descs)
+        return self._publish(Chain(ids[0], ids, [(a, n) for a, n, w in descs if not w],
+                                   [(a, n) for a, n, w in descs if w]))
+
     def add(self, out: list[bytes], in_sizes: list[int]) -> Chain:
-        """Copy ``out`` into fresh guest buffers, add writable buffers of
-        ``in_sizes`` bytes, and make the chain available."""
+        """Copy ``out`` into guest buffers, add writable buffers of
+        ``in_sizes`` bytes, and make the chain available.  The buffers and
+        descriptors are those of an earlier request of the same shape when
+        one is free (zeroed when first made, not on reuse)."""
+        key = (tuple(len(data) for data in out), tuple(in_sizes))
+        pool = self.slots.get(key)
+        slot = pool.pop() if pool else self._new_slot(*key)
+        mm, base = self.mm, self.base
+        for (addr, n), data in zip(slot.out_bufs, out, strict=True):
+            mm[addr - base:addr - base + n] = data
+        return self._publish(Chain(slot.descs[0], slot.descs, slot.out_bufs, slot.in_bufs,
+                                   slot=slot))
+
+    def _new_slot(self, out_sizes: tuple[int, ...], in_sizes: tuple[int, ...]) -> Slot:
         mem, alloc = self.dev.mem, self.dev.alloc
-        descs, owned = [], []
-        for data in out:
-            addr = alloc.alloc(len(data))
-            mem.write(addr, data)
-            descs.append((addr, len(data), False))
-            owned.append(addr)
-        for n in in_sizes:
-            addr = alloc.alloc(n)
+        out_bufs = [(alloc.alloc(n), n) for n in out_sizes]
+        in_bufs = [(alloc.alloc(n), n) for n in in_sizes]
+        for addr, n in in_bufs:
             mem.write(addr, bytes(n))
-            descs.append((addr, n, True))
-            owned.append(addr)
-        chain = self.add_raw(descs)
-        chain.owned = owned
-        return chain
+        ids = self._write_chain([(a, n, False) for a, n in out_bufs]
+                                + [(a, n, True) for a, n in in_bufs])
+        return Slot((out_sizes, in_sizes), ids, out_bufs, in_bufs)
+
+    def _release_slots(self) -> None:
+        """Give the idle slots' descriptors and buffers back."""
+        for pool in self.slots.values():
+            for slot in pool:
+                self.free.extend(slot.descs)
+                for addr, _ in slot.out_bufs + slot.in_bufs:
+                    self.dev.alloc.free(addr)
+        self.slots.clear()
 
     def kick(self, wait: bool = True) -> None:
         """Notify the device.  ``wait``: until qtest answers, by which time
@@ -117,22 +161,25 @@ class SplitQueue:
 
     # -- taking chains back ----------------------------------------------------
     def poll(self) -> Used | None:
-        mem = self.dev.mem
-        if mem.u16(self.used + 2) == self.last_used:
+        mm, used = self.mm, self.used - self.base
+        if U16.unpack_from(mm, used + 2)[0] == self.last_used:
             return None
-        head, written = mem.unpack("<II", self.used + 4 + 8 * (self.last_used % self.size))
+        head, written = USED_ELEM.unpack_from(mm, used + 4 + 8 * (self.last_used % self.size))
         self.last_used = (self.last_used + 1) & 0xFFFF
         chain = self.inflight.pop(head)
-        data = bytearray()
+        data = b""
         left = written
         for addr, n in chain.in_bufs:
+            if left <= 0:
+                break
             take = min(n, left)
-            data += mem.read(addr, take)
+            data += mm[addr - self.base:addr - self.base + take]
             left -= take
-        self.free.extend(chain.descs)
-        for addr in chain.owned:
-            self.dev.alloc.free(addr)
-        return Used(chain, written, bytes(data))
+        if chain.slot is not None:
+            self.slots.setdefault(chain.slot.shape, []).append(chain.slot)
+        else:
+            self.free.extend(chain.descs)
+        return Used(chain, written, data)
 
     def wait(self, timeout: float = 10.0) -> Used:
         deadline = time.monotonic() + timeout
