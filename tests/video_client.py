@@ -242,7 +242,9 @@ class StreamRun:
             rid = self.free_inputs.pop(0)
             c.write_entries(self.inputs[rid], data)
             self.in_flight[c.queue(sid, p.QueueType.INPUT, rid, ts, len(data), kick=False)] = rid
-        if not self.todo and not self.in_flight and self.drain_token is None:
+        if not self.todo and self.drain_token is None:
+            # Right behind the last input, as a V4L2 client's DEC_CMD_STOP
+            # follows its last QBUF: the device drains what is queued.
             self.drain_token = c.submit(p.HDR.pack(p.Cmd.STREAM_DRAIN, sid))
         for token in [t for t in c.done if t in self.in_flight]:     # used-ring order
             _, _, ts, flags, _ = p.RESOURCE_QUEUE_RESP.unpack(c.done.pop(token).data)
@@ -309,7 +311,9 @@ class StreamRun:
             self.next_out_rid += 1
             self.outputs[rid] = c.alloc_entries(size, self.sg_chunks)
             c.create_resource(sid, p.QueueType.OUTPUT, rid, self.outputs[rid])
-            self.out_flight[c.queue(sid, p.QueueType.OUTPUT, rid)] = rid
+            # Queued without waiting, as QBUF does: the next command's kick,
+            # or the decode loop's, carries it to the device.
+            self.out_flight[c.queue(sid, p.QueueType.OUTPUT, rid, kick=False)] = rid
 
     def destroy(self) -> None:
         c = self.c
