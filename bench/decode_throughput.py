@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import itertools
 import os
 import shutil
@@ -37,6 +38,10 @@ from dataclasses import dataclass, field
 import av
 
 from pyemb.video import protocol as p
+from pyemb.video.decoder import DecoderStream, align
+from pyemb.video.resources import Resource
+from pyemb.video_backend import PyAVSession
+from tests.fakes import FakeRequest
 from tests.hostdriver import Machine
 from tests.streams import encode
 from tests.video_client import StreamRun, VideoClient
@@ -134,6 +139,70 @@ def device(client: VideoClient, sid: int, frames: list[bytes], poll_s: float,
     return run.timing
 
 
+class HeapChunk:
+    """Process memory standing in for a mapped chunk of guest RAM."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+        self.view = memoryview(bytearray(length))
+
+    def release(self) -> None:
+        pass
+
+
+def model_alone(frames: list[bytes], poll_s: float, width: int, height: int) -> Timing:
+    """The device's own stream logic (DecoderStream on a PyAV session, the
+    same buffers and counts) fed from this process, without QEMU, the
+    virtqueues or the stand-in driver: what the device model costs by
+    itself, to tell it apart from the transport's share."""
+    stream = DecoderStream(1, p.Format.H264, p.MemType.GUEST_PAGES, p.MemType.GUEST_PAGES,
+                           PyAVSession("h264"), lambda kind, sid: None,
+                           lambda e, what: print(f"model: {what}: {e}"), contextlib.nullcontext)
+    inputs = [Resource(rid, p.QueueType.INPUT, p.PlanesLayout.SINGLE_BUFFER, [0],
+                       [HeapChunk(1 << 20)]) for rid in range(16)]
+    outputs = [Resource(rid, p.QueueType.OUTPUT, p.PlanesLayout.SINGLE_BUFFER, [0],
+                        [HeapChunk(align(width) * align(height) * 3 // 2)]) for rid in range(24)]
+    resp = p.RESOURCE_QUEUE_RESP.size
+    in_flight: list[tuple[FakeRequest, Resource]] = []
+    out_flight: list[tuple[FakeRequest, Resource]] = []
+    todo = list(frames)
+    timing = Timing(time.perf_counter())
+    with stream.lock:
+        for res in outputs:
+            out_flight.append((FakeRequest([], [resp]), res))
+            stream.queue_output(out_flight[-1][0], res)
+    eos = drain_sent = False
+    try:
+        while not eos:
+            with stream.lock:
+                stream.params_read(p.QueueType.OUTPUT)    # the driver follows the size event
+                for req, res in [x for x in in_flight if x[0].done]:
+                    in_flight.remove((req, res))
+                    inputs.append(res)
+                for req, res in [x for x in out_flight if x[0].done]:
+                    out_flight.remove((req, res))
+                    if p.RESOURCE_QUEUE_RESP.unpack(req.reply)[3] & p.BufferFlag.EOS:
+                        eos = True
+                        continue
+                    timing.pictures.append(time.perf_counter())
+                    out_flight.append((FakeRequest([], [resp]), res))
+                    stream.queue_output(out_flight[-1][0], res)
+                while todo and inputs:
+                    res, data = inputs.pop(), todo.pop(0)
+                    res.chunks[0].view[:len(data)] = data
+                    in_flight.append((FakeRequest([], [resp]), res))
+                    stream.queue_input(in_flight[-1][0], res, len(data), 0)
+                if not todo and not drain_sent:
+                    stream.start_drain(FakeRequest([], [64]))
+                    drain_sent = True
+            time.sleep(poll_s)
+    finally:
+        with stream.lock:
+            stream.destroy()
+        stream.thread.join(5)
+    return timing
+
+
 def thread_cpu(pid: int, main_role: str) -> collections.Counter[str]:
     """CPU nanoseconds so far of every live thread of ``pid``, summed by
     role.  Decoder threads end with their stream: take it before that."""
@@ -204,7 +273,8 @@ def main() -> None:
             data = b"".join(d for d, _ in encode("h264", width, height, args.frames,
                                                  noise=noise))
             frames = frames_of(data)
-            runs: dict[str, list[Timing]] = {"direct": [], "nv12": [], "device": []}
+            runs: dict[str, list[Timing]] = {"direct": [], "nv12": [], "device": [],
+                                             "model": []}
             cli_fps: list[float] = []
             used: dict[str, list[dict[str, float]]] = {"nv12": [], "device": []}
             for _ in range(args.repeat):          # interleaved: noise hits both alike
@@ -214,6 +284,7 @@ def main() -> None:
                 device_threads: list[collections.Counter[str]] = []
                 runs["device"].append(device(client, sid, frames, args.poll_ms / 1000,
                                              device_threads))
+                runs["model"].append(model_alone(frames, args.poll_ms / 1000, width, height))
                 used["nv12"].append(per_frame(*direct_threads, len(frames)))
                 used["device"].append(per_frame(*device_threads, len(frames)))
                 sid += 1
@@ -230,7 +301,8 @@ def main() -> None:
                   f" kbit/s at 25 fps, {len(frames)} frames, best of {args.repeat}, "
                   f"fps over the whole run / from picture {skip + 1} on:")
             for name, key in (("PyAV direct, frames:", "direct"), ("PyAV direct, to NV12:", "nv12"),
-                              ("virtio-video-py (device):", "device")):
+                              ("virtio-video-py (device):", "device"),
+                              ("device model alone:", "model")):
                 print(f"  {name:27} {max(whole[key]):7.1f} / {max(steady[key]):7.1f} fps")
             if cli_fps:
                 print(f"  ffmpeg CLI ({av_version_cli()}): {max(cli_fps):7.1f} fps (whole run)")
@@ -239,6 +311,10 @@ def main() -> None:
             print(f"  device / PyAV direct NV12, from picture {skip + 1:<4} "
                   f"{statistics.median(steady_ratios):.3f} median of paired runs, "
                   f"{max(steady['device']) / max(steady['nv12']):.3f} best")
+            model_ratios = [m.steady_fps(skip) / n.steady_fps(skip)
+                            for m, n in zip(runs["model"], runs["nv12"], strict=True)]
+            print(f"  device model alone (no QEMU, no driver) / PyAV direct NV12, from "
+                  f"picture {skip + 1}: {statistics.median(model_ratios):.3f} median")
             print(f"  device / PyAV direct (frames), whole run:   "
                   f"{max(whole['device']) / max(whole['direct']):.3f} best")
             if cli_fps:
