@@ -41,7 +41,7 @@ from pyemb.video import protocol as p
 from pyemb.video.decoder import DecoderStream, align
 from pyemb.video.resources import Resource
 from pyemb.video_backend import PyAVSession
-from tests.fakes import FakeRequest
+from tests.fakes import FakeChunk, FakeRequest
 from tests.hostdriver import Machine
 from tests.streams import encode
 from tests.video_client import StreamRun, VideoClient
@@ -139,17 +139,6 @@ def device(client: VideoClient, sid: int, frames: list[bytes], poll_s: float,
     return run.timing
 
 
-class HeapChunk:
-    """Process memory standing in for a mapped chunk of guest RAM."""
-
-    def __init__(self, length: int) -> None:
-        self.length = length
-        self.view = memoryview(bytearray(length))
-
-    def release(self) -> None:
-        pass
-
-
 def model_alone(frames: list[bytes], poll_s: float, width: int, height: int) -> Timing:
     """The device's own stream logic (DecoderStream on a PyAV session, the
     same buffers and counts) fed from this process, without QEMU, the
@@ -159,9 +148,9 @@ def model_alone(frames: list[bytes], poll_s: float, width: int, height: int) -> 
                            PyAVSession("h264"), lambda kind, sid: None,
                            lambda e, what: print(f"model: {what}: {e}"), contextlib.nullcontext)
     inputs = [Resource(rid, p.QueueType.INPUT, p.PlanesLayout.SINGLE_BUFFER, [0],
-                       [HeapChunk(1 << 20)]) for rid in range(16)]
+                       [FakeChunk(1 << 20)]) for rid in range(16)]
     outputs = [Resource(rid, p.QueueType.OUTPUT, p.PlanesLayout.SINGLE_BUFFER, [0],
-                        [HeapChunk(align(width) * align(height) * 3 // 2)]) for rid in range(24)]
+                        [FakeChunk(align(width) * align(height) * 3 // 2)]) for rid in range(24)]
     resp = p.RESOURCE_QUEUE_RESP.size
     in_flight: list[tuple[FakeRequest, Resource]] = []
     out_flight: list[tuple[FakeRequest, Resource]] = []

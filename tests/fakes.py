@@ -37,6 +37,18 @@ class FakeRequest:
         return b"".join(bytes(b) for b in self._in)[: self.written]
 
 
+class FakeChunk:
+    """Process memory standing in for a mapped chunk of guest RAM (the
+    GuestMapping a virtio-video resource holds)."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+        self.view = memoryview(bytearray(length))
+
+    def release(self) -> None:
+        pass
+
+
 class FakeHandle:
     name = "fake"
     live = True

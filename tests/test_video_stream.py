@@ -11,7 +11,7 @@ from pyemb.video import protocol as p
 from pyemb.video.decoder import DecoderStream
 from pyemb.video.resources import Resource
 from pyemb.video_backend import DecodeSession, Picture
-from tests.fakes import FakeRequest
+from tests.fakes import FakeChunk, FakeRequest
 
 SIZE = 16
 
@@ -34,17 +34,6 @@ class OnePicturePerChunk(DecodeSession):
         return []
 
 
-class Chunk:
-    """One chunk of 'guest RAM'."""
-
-    def __init__(self, length: int) -> None:
-        self.length = length
-        self.view = memoryview(bytearray(length))
-
-    def release(self) -> None:
-        pass
-
-
 def wait_for(requests: list[FakeRequest], timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not all(r.done for r in requests):
@@ -62,7 +51,7 @@ def test_pictures_go_to_the_most_recently_queued_free_buffer():
         buffers, memory = {}, {}
         with stream.lock:
             for rid in range(3):
-                memory[rid] = Chunk(SIZE * SIZE * 3 // 2)
+                memory[rid] = FakeChunk(SIZE * SIZE * 3 // 2)
                 res = Resource(rid, p.QueueType.OUTPUT, p.PlanesLayout.SINGLE_BUFFER, [0],
                                [memory[rid]])
                 buffers[rid] = FakeRequest([], [p.RESOURCE_QUEUE_RESP.size])
@@ -71,7 +60,7 @@ def test_pictures_go_to_the_most_recently_queued_free_buffer():
         for ts in (1, 2, 3):
             request = FakeRequest([], [p.RESOURCE_QUEUE_RESP.size])
             res = Resource(10 + ts, p.QueueType.INPUT, p.PlanesLayout.SINGLE_BUFFER, [0],
-                           [Chunk(4)])
+                           [FakeChunk(4)])
             with stream.lock:
                 stream.queue_input(request, res, 4, ts)
                 stream.params_read(p.QueueType.OUTPUT)   # the driver follows the event
