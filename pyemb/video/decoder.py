@@ -1,14 +1,40 @@
-"""One stateful-decoder stream: its resources, queues and worker thread.
+"""One stateful-decoder stream: its resources, queues, state and worker thread.
 
 The device model (:mod:`pyemb.video.device`) answers synchronous commands on
-QEMU's main loop under the stream's lock, which is never held while decoding.
-Decoding, and writing pictures into guest buffers, happen on the stream's
-worker thread; RESOURCE_QUEUE and STREAM_DRAIN are completed from there.
+QEMU's main loop (BQL held) under the stream's lock.  The worker thread
+decodes and writes pictures into guest buffers without that lock, taking it
+only for short bookkeeping, so that no main-loop command ever waits on
+FFmpeg or on a picture conversion.  RESOURCE_QUEUE and STREAM_DRAIN are
+completed from the worker.
 
-Pictures go out in decode-output (display) order.  When the picture at the
-head of the line has a new size, the worker updates the OUTPUT params, sends
-DECODER_RESOLUTION_CHANGED and waits until the driver has read the OUTPUT
-params again before it writes pictures of the new size.
+State machine (``StreamState``; every change goes through ``_to``)::
+
+    AWAITING_HEADERS  -> RESOLUTION_CHANGE   worker: the size is known
+    RESOLUTION_CHANGE -> DECODING            main loop: the driver read the OUTPUT params
+    DECODING          -> RESOLUTION_CHANGE   worker: a picture of another size
+    any of those      -> FAILED              worker: an engine bug killed it
+    any but ABANDONED -> DESTROYED           STREAM_DESTROY
+    any               -> ABANDONED           device reset
+
+Pictures go out in decode-output order and only in DECODING; in
+RESOLUTION_CHANGE the worker has updated the OUTPUT params and sent
+DECODER_RESOLUTION_CHANGED, and pictures wait until the driver has read them.
+STREAM_DRAIN and QUEUE_CLEAR(INPUT) are not states: they act in order with
+the bitstream, so they are entries of the input queue (``DRAIN``: flush the
+decoder, then an ``EOS`` entry in the picture queue returns an empty EOS
+buffer and completes the drain; ``RESET``: forget what the decoder was fed).
+
+Work in flight: the input being decoded (``decoding``) and the picture being
+written with the output buffer it pins (``writing``).  QUEUE_CLEAR(INPUT) and
+STREAM_DESTROY complete the input being decoded with ERR at once (its bytes
+were copied out before decoding) and take it away, which tells the worker to
+drop what it decoded from it.  A command that takes back the output buffer
+being written (QUEUE_CLEAR(OUTPUT), RESOURCE_DESTROY_ALL, STREAM_DESTROY)
+cancels the write: the worker completes the buffer with ERR once the write
+ends and unmaps it if it was destroyed meanwhile; the command's answer is
+then sent by the worker, after that buffer (``answer_later``).  A device
+reset drops everything: the worker completes nothing and sends no event for
+a stream of before the reset, and ends by itself.
 """
 
 from __future__ import annotations
@@ -18,6 +44,7 @@ from collections import deque
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import numpy as np
@@ -47,7 +74,34 @@ def plane_formats(fmt: int, width: int, height: int) -> list[tuple[int, int]]:
     return [(width * height, width), (cw * (height // 2), cw), (cw * (height // 2), cw)]
 
 
-@dataclass
+class StreamState(Enum):
+    AWAITING_HEADERS = "awaiting-headers"      # no size known: nothing to write yet
+    RESOLUTION_CHANGE = "resolution-change"    # event sent, the driver has not read the params
+    DECODING = "decoding"                      # pictures go into output buffers
+    FAILED = "failed"                          # the worker died; commands are still answered
+    DESTROYED = "destroyed"                    # the worker ends a write in flight, then itself
+    ABANDONED = "abandoned"                    # device reset: nothing completes any more
+
+
+S = StreamState
+TRANSITIONS: dict[StreamState, frozenset[StreamState]] = {
+    S.AWAITING_HEADERS: frozenset({S.RESOLUTION_CHANGE, S.FAILED, S.DESTROYED, S.ABANDONED}),
+    S.RESOLUTION_CHANGE: frozenset({S.DECODING, S.FAILED, S.DESTROYED, S.ABANDONED}),
+    S.DECODING: frozenset({S.RESOLUTION_CHANGE, S.FAILED, S.DESTROYED, S.ABANDONED}),
+    S.FAILED: frozenset({S.DESTROYED, S.ABANDONED}),
+    S.DESTROYED: frozenset({S.ABANDONED}),
+    S.ABANDONED: frozenset(),
+}
+LIVE = frozenset({S.AWAITING_HEADERS, S.RESOLUTION_CHANGE, S.DECODING})
+
+
+class Marker(Enum):
+    DRAIN = "drain"      # input queue: flush the decoder here (STREAM_DRAIN)
+    RESET = "reset"      # input queue: reset the decoder here (QUEUE_CLEAR(INPUT))
+    EOS = "eos"          # picture queue: an empty EOS buffer, then the drain's answer
+
+
+@dataclass(eq=False, slots=True)
 class InputJob:
     request: Request
     resource: Resource
@@ -55,10 +109,26 @@ class InputJob:
     timestamp: int
 
 
-@dataclass
+@dataclass(eq=False, slots=True)
 class OutputBuffer:
     request: Request
     resource: Resource
+
+
+@dataclass(eq=False, slots=True)
+class Write:
+    """A picture being written outside the stream's lock, and the output
+    buffer it pins, with what the OUTPUT params said when it was taken."""
+
+    picture: Picture
+    out: OutputBuffer
+    fmt: int
+    plane_formats: list[tuple[int, int]]
+    layout: list[tuple[int, int]]
+    size: int
+    cancelled: bool = False      # its queue was cleared: ERR once written
+    release: bool = False        # its resource was destroyed: unmap once written
+    stale: bool = False          # QUEUE_CLEAR(INPUT) since: the picture is not kept
 
 
 def reply(request: Request, data: bytes) -> None:
@@ -94,211 +164,379 @@ class DecoderStream:
         }
         self.resources: dict[int, dict[int, Resource]] = {
             p.QueueType.INPUT: {}, p.QueueType.OUTPUT: {}}
-        self.inputs: deque[InputJob] = deque()
+        self.state = StreamState.AWAITING_HEADERS
+        self.inputs: deque[InputJob | Marker] = deque()
         self.outputs: deque[OutputBuffer] = deque()
-        self.pictures: deque[Picture] = deque()
+        self.pictures: deque[Picture | Marker] = deque()
         self.drain: Request | None = None
-        self.flush_pending = False          # the worker must flush the decoder
-        self.eos_pending = False            # then return an empty EOS buffer
-        self.reset_pending = False          # the worker must reset the session
-        self.epoch = 0                      # bumped when queued work is thrown away
+        self.decoding: InputJob | Marker | None = None    # taken away to cancel it
+        self.writing: Write | None = None
+        self.deferred: list[tuple[Request, bytes]] = []   # answers the worker sends
+        self.unpushed = False           # the worker's open batch holds completions
         self.geometry: tuple[int, int] | None = None    # visible size being output
-        self.awaiting_params = False        # resolution changed, driver not caught up
-        self.stopped = False
         self._layout_of: list[tuple[int, int]] | None = None    # see _output_layout
         self._layout_cache: tuple[list[tuple[int, int]], int] = ([], 0)
         self.thread = threading.Thread(target=self._run, name=f"pyemb-video-stream{stream_id}",
                                        daemon=True)
         self.thread.start()
 
+    def _to(self, state: StreamState) -> None:
+        """The one place the state changes; refuses what the table does not allow."""
+        if state not in TRANSITIONS[self.state]:
+            raise RuntimeError(f"virtio-video stream {self.id}: {self.state.value} -> "
+                               f"{state.value} is not a transition")
+        self.state = state
+
+    def _event(self, event_type: int) -> None:
+        # Under the lock, so that no reset or destroy comes between the check
+        # and the event.
+        if self.state in LIVE:
+            self.send_event(event_type, self.id)
+
     # -- called on QEMU's main loop, under self.lock -------------------------------
     def queue_input(self, request: Request, resource: Resource, length: int,
                     timestamp: int) -> None:
+        if self.state is StreamState.FAILED:
+            buffer_done(request, resource, timestamp, p.BufferFlag.ERR)
+            return
         resource.queued = True
         self.inputs.append(InputJob(request, resource, length, timestamp))
         self.lock.notify()
 
     def queue_output(self, request: Request, resource: Resource) -> None:
+        if self.state is StreamState.FAILED:
+            buffer_done(request, resource, 0, p.BufferFlag.ERR)
+            return
         resource.queued = True
         self.outputs.append(OutputBuffer(request, resource))
         self.lock.notify()
 
     def start_drain(self, request: Request) -> None:
         self.drain = request
-        self.flush_pending = True
+        if self.state is StreamState.FAILED:
+            self._end_drain(p.Resp.ERR_INVALID_OPERATION)
+            return
+        self.inputs.append(Marker.DRAIN)
         self.lock.notify()
 
     def params_read(self, queue_type: int) -> None:
         """The driver read the OUTPUT params: it knows the new geometry."""
-        if queue_type == p.QueueType.OUTPUT and self.awaiting_params:
-            self.awaiting_params = False
+        if queue_type == p.QueueType.OUTPUT and self.state is StreamState.RESOLUTION_CHANGE:
+            self._to(StreamState.DECODING)
             self.lock.notify()
 
     def clear(self, queue_type: int) -> None:
-        """QUEUE_CLEAR: pending buffers of the queue come back with ERR."""
+        """QUEUE_CLEAR: the queue's buffers come back with ERR, the input
+        being decoded too; a buffer being written is cancelled (see
+        answer_later)."""
         if queue_type == p.QueueType.INPUT:
             for job in self.inputs:
-                buffer_done(job.request, job.resource, job.timestamp, p.BufferFlag.ERR)
+                if type(job) is InputJob:
+                    buffer_done(job.request, job.resource, job.timestamp, p.BufferFlag.ERR)
             self.inputs.clear()
+            job = self.decoding
+            if type(job) is InputJob:
+                buffer_done(job.request, job.resource, job.timestamp, p.BufferFlag.ERR)
+            self.decoding = None            # the worker drops what it decodes from it
             self.pictures.clear()           # a seek: what was decoded is stale
-            self._cancel_drain()
-            self.epoch += 1
-            self.reset_pending = True
-            self.lock.notify()
+            if self.writing is not None:
+                self.writing.stale = True
+            self._end_drain(p.Resp.OK_NODATA)
+            if self.state in LIVE:
+                self.inputs.append(Marker.RESET)
+                self.lock.notify()
         else:
             for out in self.outputs:
                 buffer_done(out.request, out.resource, 0, p.BufferFlag.ERR)
             self.outputs.clear()
+            if self.writing is not None:
+                self.writing.cancelled = True
 
     def destroy_resources(self, queue_type: int) -> None:
-        """RESOURCE_DESTROY_ALL: clear the queue, then unmap its resources."""
+        """RESOURCE_DESTROY_ALL: clear the queue, then unmap its resources
+        (the one being written once its write ends)."""
         self.clear(queue_type)
-        for res in self.resources[queue_type].values():
-            res.release()
-        self.resources[queue_type].clear()
+        self._release(self.resources[queue_type])
 
     def destroy(self) -> None:
-        """STREAM_DESTROY: everything pending comes back with ERR."""
+        """STREAM_DESTROY: everything pending comes back with ERR; the worker
+        ends after the write in flight, if any."""
         for queue_type in (p.QueueType.INPUT, p.QueueType.OUTPUT):
             self.destroy_resources(queue_type)
-        self.stopped = True
+        self._to(StreamState.DESTROYED)
         self.lock.notify()
 
     def abandon(self) -> None:
-        """Device reset: QEMU drops every held request; just let go."""
+        """Device reset: QEMU drops every held request; let go of everything
+        and complete nothing.  The worker ends by itself."""
+        if self.state is StreamState.ABANDONED:
+            return
+        self._to(StreamState.ABANDONED)
         self.inputs.clear()
         self.outputs.clear()
         self.pictures.clear()
         self.drain = None
+        self.decoding = None
+        self.deferred.clear()
         for resources in self.resources.values():
-            for res in resources.values():
-                res.release()
-            resources.clear()
-        self.stopped = True
+            self._release(resources)
         self.lock.notify()
 
-    def _cancel_drain(self) -> None:
+    def answer_later(self, request: Request, data: bytes) -> bool:
+        """For QUEUE_CLEAR, RESOURCE_DESTROY_ALL and STREAM_DESTROY, after they
+        took their buffers back: True if the answer is left to the worker,
+        because a buffer is still being written (it completes with ERR
+        first) or the worker has completions that are not on the used ring
+        yet (an answer pushed now would overtake them)."""
+        if (self.writing is None and not self.unpushed) or self.state is StreamState.FAILED:
+            return False
+        self.deferred.append((request, data))
+        self.lock.notify()
+        return True
+
+    def _release(self, resources: dict[int, Resource]) -> None:
+        write = self.writing
+        for res in resources.values():
+            if write is not None and res is write.out.resource:
+                write.release = True        # unmapped by the worker once written
+            else:
+                res.release()
+        resources.clear()
+
+    def _end_drain(self, status: int) -> None:
         if self.drain is not None:
-            reply(self.drain, p.reply(p.Resp.OK_NODATA, self.id))
-        self.drain = None
-        self.flush_pending = self.eos_pending = False
+            reply(self.drain, p.reply(status, self.id))
+            self.drain = None
 
     # -- the worker thread -------------------------------------------------------------
-    def _has_work(self) -> bool:
-        if self.stopped or self.reset_pending or self.inputs or self.flush_pending:
-            return True
-        return self._can_deliver()
-
-    def _can_deliver(self) -> bool:
-        """Whether _deliver would make progress (so the worker never spins)."""
-        if self.pictures and not self.awaiting_params:
-            pic = self.pictures[0]
-            if (pic.width, pic.height) != self.geometry:
-                return True
-            needed = self._bytes_needed()
-            if any(out.resource.size >= needed for out in self.outputs):
-                return True
-        if self.eos_pending and not self.pictures:
-            return self.geometry is None or bool(self.outputs)
-        return False
-
     def _run(self) -> None:
         set_native_name(f"pyemb-video-{self.id}")
         try:
-            more = True
-            while more:
-                # A step's completions (pictures, then the input buffer) reach
-                # the guest together, pushed from here once the stream's lock
-                # is let go: QEMU's main loop is not woken for them.
+            while True:
+                more, entry = self._next()
+                if not more:
+                    break
+                # A step's completions (pictures, the input buffer, answers
+                # left to the worker) reach the guest together, pushed from
+                # here once the stream's lock is let go: QEMU's main loop is
+                # not woken for them.
                 with self.completion_batch():
-                    more = self._step()
+                    self._step(entry)
         except Exception as e:  # noqa: BLE001 - a dead worker must be visible
-            self.report(e, f"decoding stream {self.id}")
-            self.send_event(p.EventType.ERROR, self.id)
+            if self.state is not StreamState.ABANDONED:
+                self.report(e, f"decoding stream {self.id}")
+            with self.lock:
+                self._fail()
         finally:
             self.session.close()
 
-    def _step(self) -> bool:
+    def _next(self) -> tuple[bool, InputJob | Marker | None]:
+        """Wait for work: (False, None) when the worker is to end, else the
+        input queue's next entry (None: pictures or answers only)."""
         with self.lock:
-            while not self._has_work():
+            self.unpushed = False       # the last step's batch is on the used ring
+            while True:
+                state = self.state
+                if state is StreamState.ABANDONED:
+                    return False, None
+                if self.deferred:
+                    return True, None
+                if state is StreamState.DESTROYED:
+                    return False, None
+                if self.inputs:
+                    entry = self.inputs.popleft()
+                    if entry is not Marker.RESET:
+                        self.decoding = entry
+                    return True, entry
+                if self._can_deliver():
+                    return True, None
                 self.lock.wait()
-            if self.stopped:
-                return False
-            if self.reset_pending:
-                self.reset_pending = False
-                self.session.reset()
-            epoch = self.epoch
-            job = self.inputs.popleft() if self.inputs else None
-            flush = job is None and self.flush_pending
-            if flush:
-                self.flush_pending = False
+
+    def _can_deliver(self) -> bool:
+        """Whether _take_picture would make progress (so the worker never spins)."""
+        if not self.pictures:
+            return False
+        pic = self.pictures[0]
+        if pic is Marker.EOS:
+            return self.state is StreamState.AWAITING_HEADERS or bool(self.outputs)
+        if self.state is StreamState.RESOLUTION_CHANGE:
+            return False
+        if (pic.width, pic.height) != self.geometry:
+            return True
+        needed = self._bytes_needed()
+        return any(out.resource.size >= needed for out in self.outputs)
+
+    def _step(self, entry: InputJob | Marker | None) -> None:
         pictures: list[Picture] = []
         failed = False
-        if job is not None:
+        if type(entry) is InputJob:
             try:
-                pictures = self.session.decode(job.resource.read(job.length), job.timestamp)
+                pictures = self.session.decode(entry.resource.read(entry.length),
+                                               entry.timestamp)
             except DecodeError as e:
                 log.warning(f"virtio-video stream {self.id}: corrupt input: {e}")
                 failed = True
             except ValueError:          # the resource was destroyed under us
                 failed = True
-        elif flush:
+        elif entry is Marker.DRAIN:
             try:
                 pictures = self.session.flush()
             except DecodeError as e:
                 log.warning(f"virtio-video stream {self.id}: corrupt input at drain: {e}")
-        with self.lock:
-            if epoch == self.epoch and not self.stopped:
-                self.pictures.extend(pictures)
-                if flush:
-                    self.eos_pending = True
-                size = self.session.size
-                if self.geometry is None and not self.pictures and size is not None:
-                    # Headers seen, no picture out yet (a reordering decoder
-                    # holds the first ones back): announce the size now.
-                    self._change_resolution(*size)
-            self._deliver()
-            if job is not None:
-                # Its bytes are in the decoder: hand the buffer back, right
-                # after the pictures so that QEMU's main loop wakes once for
-                # both completions rather than once each.
-                buffer_done(job.request, job.resource, job.timestamp,
-                            p.BufferFlag.ERR if failed else 0)
-        return True
+        elif entry is Marker.RESET:
+            self.session.reset()
+        lock = self.lock
+        lock.acquire()
+        try:
+            if entry is not None and entry is not Marker.RESET:
+                self._decoded(entry, pictures, failed)
+            while (write := self._take_picture()) is not None:
+                lock.release()
+                try:
+                    error = self._write(write)
+                finally:
+                    lock.acquire()
+                self._written(write, error)
+            if self.deferred:
+                self._answer_deferred()
+        finally:
+            lock.release()
 
-    def _deliver(self) -> None:
-        """Write waiting pictures into free output buffers, in order."""
-        while self.pictures and not self.awaiting_params:
-            pic = self.pictures[0]
+    def _decoded(self, entry: InputJob | Marker, pictures: list[Picture],
+                 failed: bool) -> None:
+        """Under the lock: keep what ``entry`` gave, unless it was taken
+        away meanwhile (a clear, a destroy, a reset)."""
+        if self.decoding is not entry:
+            return
+        self.decoding = None
+        if pictures:
+            self.pictures.extend(pictures)
+        if self.state is StreamState.AWAITING_HEADERS and not self.pictures:
+            size = self.session.size
+            if size is not None:
+                # Headers seen, no picture out yet (a reordering decoder
+                # holds the first ones back): announce the size now.
+                self._change_resolution(*size)
+        if entry is Marker.DRAIN:
+            self.pictures.append(Marker.EOS)
+        elif type(entry) is InputJob:
+            # Its bytes are in the decoder: hand the buffer back.
+            self.unpushed = True
+            buffer_done(entry.request, entry.resource, entry.timestamp,
+                        p.BufferFlag.ERR if failed else 0)
+
+    def _take_picture(self) -> Write | None:
+        """Under the lock: the next picture to write and the buffer for it,
+        pinned (``self.writing``) until _written.  Sends the resolution
+        event and the EOS buffer on the way."""
+        pictures = self.pictures
+        while pictures:
+            pic = pictures[0]
+            state = self.state
+            if pic is Marker.EOS:
+                if state is StreamState.AWAITING_HEADERS:
+                    # Drained without ever finding a picture: nothing to decode here.
+                    pictures.popleft()
+                    self._event(p.EventType.ERROR)
+                    self.unpushed = True
+                    self._end_drain(p.Resp.ERR_INVALID_OPERATION)
+                    continue
+                if not self.outputs or state not in LIVE:
+                    return None
+                out = self.outputs.popleft()
+                pictures.popleft()
+                self.unpushed = True
+                buffer_done(out.request, out.resource, 0, p.BufferFlag.EOS)
+                self._end_drain(p.Resp.OK_NODATA)
+                continue
+            if state is not StreamState.DECODING:
+                if state is StreamState.AWAITING_HEADERS:
+                    self._change_resolution(pic.width, pic.height)
+                return None
             if (pic.width, pic.height) != self.geometry:
                 self._change_resolution(pic.width, pic.height)
-                return
-            out = self._take_output(self._bytes_needed())
+                return None
+            layout, needed = self._output_layout()
+            out = self._take_output(needed)
             if out is None:
-                return
-            try:
-                size = self._write_picture(pic, out.resource)
-            except ValueError as e:     # plane offsets the picture does not fit
-                log.warning(f"virtio-video stream {self.id}: output resource "
-                            f"{out.resource.resource_id}: {e}")
+                return None
+            pictures.popleft()
+            params = self.params[p.QueueType.OUTPUT]
+            write = self.writing = Write(pic, out, params.format, params.plane_formats,
+                                         layout, needed)
+            return write
+        return None
+
+    def _write(self, write: Write) -> str | None:
+        """Without the lock: lay the picture out at the params' strides and
+        plane offsets, straight into guest memory when the buffer is one
+        chunk.  Returns why the buffer cannot take the picture, or None."""
+        resource = write.out.resource
+        layout, needed = write.layout, write.size
+        try:
+            if len(resource.plane_offsets) == len(layout) and resource.planes_layout == 2:
+                layout = [(off, stride) for off, (_, stride)
+                          in zip(resource.plane_offsets, layout, strict=True)]
+                needed = max(off + size for off, (size, _)
+                             in zip(resource.plane_offsets, write.plane_formats, strict=True))
+                if needed > resource.size:
+                    raise ValueError(f"plane offsets {resource.plane_offsets} reach past "
+                                     f"its {resource.size} bytes")
+            view = resource.contiguous_view()
+            if view is not None:
+                write.picture.write_into(write.fmt, np.frombuffer(view, np.uint8), layout)
+            else:
+                image = np.zeros(needed, np.uint8)
+                write.picture.write_into(write.fmt, image, layout)
+                resource.write(image)
+        except ValueError as e:         # plane offsets the picture does not fit
+            return str(e)
+        write.size = needed
+        return None
+
+    def _written(self, write: Write, error: str | None) -> None:
+        """Under the lock: complete the buffer a write pinned, as the
+        commands that came meanwhile decided."""
+        self.writing = None
+        out, pic = write.out, write.picture
+        if self.state is not StreamState.ABANDONED:
+            self.unpushed = True
+            if write.cancelled or error is not None:
+                if error is not None and not write.cancelled:
+                    log.warning(f"virtio-video stream {self.id}: output resource "
+                                f"{out.resource.resource_id}: {error}")
                 buffer_done(out.request, out.resource, 0, p.BufferFlag.ERR)
-                continue                # the picture waits for the next buffer
-            self.pictures.popleft()
-            buffer_done(out.request, out.resource, pic.timestamp, pic.flags, size)
-        if self.eos_pending and self.geometry is None:
-            # Drained without ever finding a picture: nothing to decode here.
-            self.eos_pending = False
-            self.send_event(p.EventType.ERROR, self.id)
-            if self.drain is not None:
-                reply(self.drain, p.reply(p.Resp.ERR_INVALID_OPERATION, self.id))
-                self.drain = None
-        if self.eos_pending and not self.pictures and self.outputs:
-            out = self.outputs.popleft()
-            buffer_done(out.request, out.resource, 0, p.BufferFlag.EOS)
-            self.eos_pending = False
-            if self.drain is not None:
-                reply(self.drain, p.reply(p.Resp.OK_NODATA, self.id))
-                self.drain = None
+                if not write.stale and self.state in LIVE:
+                    self.pictures.appendleft(pic)   # it waits for the next buffer
+            else:
+                buffer_done(out.request, out.resource, pic.timestamp, pic.flags, write.size)
+            if self.deferred:
+                self._answer_deferred()
+        if write.release:
+            out.resource.release()
+
+    def _answer_deferred(self) -> None:
+        self.unpushed = True
+        for request, data in self.deferred:
+            reply(request, data)
+        self.deferred.clear()
+
+    def _fail(self) -> None:
+        """Under the lock, after an exception killed the worker: nothing it
+        held is left hanging."""
+        write, self.writing = self.writing, None
+        if self.state is not StreamState.ABANDONED:
+            if write is not None:
+                buffer_done(write.out.request, write.out.resource, 0, p.BufferFlag.ERR)
+            if self.state in LIVE:
+                self._event(p.EventType.ERROR)
+                self._to(StreamState.FAILED)
+                for queue_type in (p.QueueType.INPUT, p.QueueType.OUTPUT):
+                    self.clear(queue_type)
+            self._answer_deferred()
+        if write is not None and write.release:
+            write.out.resource.release()
+        self.unpushed = False
 
     def _change_resolution(self, width: int, height: int) -> None:
         out = self.params[p.QueueType.OUTPUT]
@@ -307,8 +545,8 @@ class DecoderStream:
         out.crop = (0, 0, width, height)
         out.plane_formats = plane_formats(out.format, coded_w, coded_h)
         self.geometry = (width, height)
-        self.awaiting_params = True
-        self.send_event(p.EventType.DECODER_RESOLUTION_CHANGED, self.id)
+        self._to(StreamState.RESOLUTION_CHANGE)
+        self._event(p.EventType.DECODER_RESOLUTION_CHANGED)
 
     def _output_layout(self) -> tuple[list[tuple[int, int]], int]:
         """(offset, stride) of each plane of the OUTPUT params, and the bytes
@@ -341,25 +579,3 @@ class DecoderStream:
                 del self.outputs[i]
                 return out
         return None
-
-    def _write_picture(self, pic: Picture, resource: Resource) -> int:
-        """Lay the picture out at the params' strides and plane offsets,
-        straight into guest memory when the buffer is one chunk."""
-        params = self.params[p.QueueType.OUTPUT]
-        layout, needed = self._output_layout()
-        if len(resource.plane_offsets) == len(layout) and resource.planes_layout == 2:
-            layout = [(off, stride) for off, (_, stride)
-                      in zip(resource.plane_offsets, layout, strict=True)]
-            needed = max(off + size for off, (size, _)
-                         in zip(resource.plane_offsets, params.plane_formats, strict=True))
-            if needed > resource.size:
-                raise ValueError(f"plane offsets {resource.plane_offsets} reach past "
-                                 f"its {resource.size} bytes")
-        view = resource.contiguous_view()
-        if view is not None:
-            pic.write_into(params.format, np.frombuffer(view, np.uint8), layout)
-        else:
-            image = np.zeros(needed, np.uint8)
-            pic.write_into(params.format, image, layout)
-            resource.write(image)
-        return needed

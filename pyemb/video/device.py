@@ -4,13 +4,16 @@ A stateful decoder in the ChromeOS/crosvm dialect (see
 ../shared/protocols/virtio-video.md).  Synchronous commands are answered here,
 on QEMU's main loop, without waiting on decoding; RESOURCE_QUEUE and
 STREAM_DRAIN are completed later by the stream's worker
-(:mod:`pyemb.video.decoder`).  The encoder role has the device ID and the
+(:mod:`pyemb.video.decoder`), and so are QUEUE_CLEAR, RESOURCE_DESTROY_ALL
+and STREAM_DESTROY when a buffer they take back is being written: their
+answer follows that buffer's ERR.  The encoder role has the device ID and the
 capabilities query, but no encoding yet: STREAM_CREATE says so.
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -64,6 +67,9 @@ class VideoDevice(DeviceModel):
             raise ConfigError(f"backend {backend_class.__name__} is not a pyemb VideoBackend")
         self.backend = backend_class(section(config, "backend"))
         self.streams: dict[int, DecoderStream] = {}
+        # Every stream whose worker may still run, destroyed ones included
+        # (one ends a picture write after STREAM_DESTROY): a reset reaches them.
+        self.workers: weakref.WeakSet[DecoderStream] = weakref.WeakSet()
         self.event_lock = threading.Lock()
         self.event_buffers: deque[Request] = deque()
         self.pending_events: deque[tuple[int, int]] = deque()
@@ -95,7 +101,9 @@ class VideoDevice(DeviceModel):
 
     def reset(self) -> None:
         super().reset()
-        for stream in list(self.streams.values()):
+        # No waiting here: each worker ends by itself, completing nothing
+        # and sending no event for a stream of before the reset.
+        for stream in list(self.workers):
             with stream.lock:
                 stream.abandon()
         self.streams.clear()
@@ -176,17 +184,20 @@ class VideoDevice(DeviceModel):
             if mem not in (p.MemType.GUEST_PAGES, p.MemType.VIRTIO_OBJECT):
                 raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER, f"mem type {mem}")
         session = self.backend.open_session(p.Format(coded))
-        self.streams[stream_id] = DecoderStream(stream_id, coded, in_mem, out_mem, session,
-                                                self.send_event, self.report,
-                                                self.handle.batch)
+        stream = DecoderStream(stream_id, coded, in_mem, out_mem, session, self.send_event,
+                               self.report, self.handle.batch)
+        self.streams[stream_id] = stream
+        self.workers.add(stream)
         return p.reply(p.Resp.OK_NODATA, stream_id)
 
-    def stream_destroy(self, command: bytes, request: Request) -> bytes:
+    def stream_destroy(self, command: bytes, request: Request) -> bytes | None:
         stream = self.stream(command)
+        answer = p.reply(p.Resp.OK_NODATA, stream.id)
         with stream.lock:
             stream.destroy()
+            later = stream.answer_later(request, answer)
         del self.streams[stream.id]
-        return p.reply(p.Resp.OK_NODATA, stream.id)
+        return None if later else answer
 
     def stream_drain(self, command: bytes, request: Request) -> None:
         stream = self.stream(command)
@@ -250,21 +261,25 @@ class VideoDevice(DeviceModel):
                 stream.queue_output(request, resource)
         return None
 
-    def resource_destroy_all(self, command: bytes, request: Request) -> bytes:
+    def resource_destroy_all(self, command: bytes, request: Request) -> bytes | None:
         need(command, p.QUEUE_CMD.size, "RESOURCE_DESTROY_ALL")
         stream = self.stream(command)
         queue_type = queue_type_of(p.QUEUE_CMD.unpack_from(command)[2])
+        answer = p.reply(p.Resp.OK_NODATA, stream.id)
         with stream.lock:
             stream.destroy_resources(queue_type)
-        return p.reply(p.Resp.OK_NODATA, stream.id)
+            later = stream.answer_later(request, answer)
+        return None if later else answer
 
-    def queue_clear(self, command: bytes, request: Request) -> bytes:
+    def queue_clear(self, command: bytes, request: Request) -> bytes | None:
         need(command, p.QUEUE_CMD.size, "QUEUE_CLEAR")
         stream = self.stream(command)
         queue_type = queue_type_of(p.QUEUE_CMD.unpack_from(command)[2])
+        answer = p.reply(p.Resp.OK_NODATA, stream.id)
         with stream.lock:
             stream.clear(queue_type)
-        return p.reply(p.Resp.OK_NODATA, stream.id)
+            later = stream.answer_later(request, answer)
+        return None if later else answer
 
     def get_params(self, command: bytes, request: Request) -> bytes:
         need(command, p.QUEUE_CMD.size, "GET_PARAMS")
