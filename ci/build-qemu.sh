@@ -93,25 +93,65 @@ else
     echo "$shim_hash" > "$build/.pyemb-stamp"
 fi
 
-# 4. Firmware: Debian's source package has no binary blobs; SeaBIOS comes
-#    from Debian's seabios package, linked into the data directory that an
-#    uninstalled QEMU searches (qemu-bundle/<prefix>/share/qemu).
-datadir=$build/qemu-bundle/usr/local/share/qemu
-mkdir -p "$datadir"
-for f in /usr/share/seabios/*.bin; do
-    ln -sfn "$f" "$datadir/$(basename "$f")"
-done
-# The x86 option ROMs (kvmvapic.bin, linuxboot_dma.bin, ...) come from
-# Debian's qemu-system-data, unpacked into the cache with dpkg -x.
-roms=$cache/qemu-system-data
-if [ ! -f "$roms/.unpacked" ]; then
-    rm -rf "$roms" && mkdir -p "$roms"
-    (cd "$roms" && apt-get download -q qemu-system-data/bookworm-backports >/dev/null)
-    dpkg -x "$roms"/qemu-system-data_*.deb "$roms/root"
-    touch "$roms/.unpacked"
+# 4. Firmware, as a distribution's QEMU has it: Debian's source
+#    package has no binary blobs, so they come from Debian's binary packages,
+#    downloaded once and unpacked (dpkg -x) into one tree in the cache, and
+#    linked into the data directory that an uninstalled QEMU searches
+#    (qemu-bundle/<prefix>/share/qemu):
+#      seabios           bios.bin, bios-256k.bin, bios-microvm.bin, vgabios-*.bin
+#      ipxe-qemu         the NICs' option ROMs, efi-*.rom and pxe-*.rom
+#      qemu-system-data  kvmvapic.bin, linuxboot*.bin, multiboot*.bin, pvh.bin, qboot.rom
+#      ovmf, qemu-efi-aarch64
+#                        UEFI: OVMF.fd, QEMU_EFI.fd, upstream's edk2-*.fd names and
+#                        the firmware/*.json descriptors
+#    The tree is named by a hash of the package list: a changed list unpacks anew.
+fw_debs=(seabios/bookworm-backports ipxe-qemu qemu-system-data/bookworm-backports
+         ovmf qemu-efi-aarch64)
+fw=$cache/firmware-$(printf '%s\n' "${fw_debs[@]}" | sha256sum | cut -c1-12)
+root=$fw/root
+if [ ! -f "$fw/.unpacked" ]; then
+    log "downloading and unpacking firmware: ${fw_debs[*]}"
+    rm -rf "$cache"/qemu-system-data "$cache"/firmware-*   # earlier trees, a half-done one
+    mkdir -p "$fw/debs"
+    (cd "$fw/debs" && apt-get download -q "${fw_debs[@]}" >/dev/null)
+    for deb in "$fw"/debs/*.deb; do dpkg -x "$deb" "$root"; done
+    # An absolute link means that path in this tree, never on the host.
+    find "$root" -lname '/*' | while read -r l; do ln -sfn "$root$(readlink "$l")" "$l"; done
+    sed -i "s|\"/usr/share/|\"$root/usr/share/|" "$root"/usr/share/qemu/firmware/*.json
+    # The 64 MiB AAVMF images are mostly zeros.
+    find "$root" -name '*.fd' -type f -size +8M -exec fallocate --dig-holes {} \;
+    touch "$fw/.unpacked"
 fi
-for f in kvmvapic.bin linuxboot.bin linuxboot_dma.bin multiboot.bin multiboot_dma.bin pvh.bin; do
-    [ -e "$roms/root/usr/share/qemu/$f" ] && ln -sfn "$roms/root/usr/share/qemu/$f" "$datadir/$f"
+datadir=$build/qemu-bundle/usr/local/share/qemu
+# link_into DIR FILE...: links to the FILEs in DIR, leaving the build's own files be.
+link_into() {
+    local dir=$1 f files=()
+    shift
+    for f in "$@"; do
+        [ -f "$f" ] || continue
+        [ -e "$dir/${f##*/}" ] && [ ! -L "$dir/${f##*/}" ] && continue
+        files+=("$f")
+    done
+    mkdir -p "$dir"
+    [ ${#files[@]} = 0 ] || ln -sfn -t "$dir" "${files[@]}"
+}
+link_into "$datadir" "$root"/usr/share/seabios/*.bin "$root"/usr/lib/ipxe/qemu/*.rom \
+    "$root"/usr/share/qemu/*
+link_into "$datadir/firmware" "$root"/usr/share/qemu/firmware/*.json
+while read -r name file; do
+    ln -sfn "$root/usr/share/$file" "$datadir/$name"
+done <<'EDK2'
+QEMU_EFI.fd                qemu-efi-aarch64/QEMU_EFI.fd
+edk2-aarch64-code.fd       AAVMF/AAVMF_CODE.fd
+edk2-arm-vars.fd           AAVMF/AAVMF_VARS.fd
+edk2-x86_64-code.fd        OVMF/OVMF_CODE_4M.fd
+edk2-x86_64-secure-code.fd OVMF/OVMF_CODE_4M.secboot.fd
+edk2-i386-vars.fd          OVMF/OVMF_VARS_4M.fd
+EDK2
+find "$datadir" -xtype l -delete        # links into an earlier firmware tree
+for f in bios-256k.bin vgabios-stdvga.bin efi-e1000.rom efi-e1000e.rom efi-virtio.rom \
+         kvmvapic.bin linuxboot_dma.bin; do
+    [ -r "$datadir/$f" ] || { echo "build-qemu: $f is missing from $datadir" >&2; exit 1; }
 done
 
 # 5. Tell the shim which Python environment to embed, and give the
