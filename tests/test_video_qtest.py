@@ -337,3 +337,166 @@ def test_get_control_reports_the_stream_profile_and_level(video):
     assert p.GET_CONTROL_RESP.unpack(video.call(get))[2] == 0x103
     get = p.GET_CONTROL.pack(p.Cmd.GET_CONTROL, 1, p.Control.LEVEL)
     assert p.GET_CONTROL_RESP.unpack(video.call(get))[2] == 0x101
+
+
+# -- commands racing a busy worker ------------------------------------------------------
+def positions(video: VideoClient) -> dict[int, int]:
+    """Token -> place on the used ring, for every reply seen so far."""
+    assert video.used_order is not None
+    return {used.chain.token: i for i, used in enumerate(video.used_order)}
+
+
+def wait_done(video: VideoClient, token: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while token not in video.done:
+        assert time.monotonic() < deadline, "no answer from the video device"
+        video.poll()
+        time.sleep(0.0002)
+
+
+def flags_of(used) -> int:
+    return p.RESOURCE_QUEUE_RESP.unpack(used.data)[3]
+
+
+@pytest.mark.parametrize("command", ["QUEUE_CLEAR", "RESOURCE_DESTROY_ALL", "STREAM_DESTROY"])
+def test_the_input_being_decoded_comes_back_with_err_before_the_answer(video, command):
+    """A clear or destroy while FFmpeg decodes an input: that input is
+    taken back with ERR before the answer, and nothing of it follows."""
+    v = video
+    v.used_order = []
+    # About a quarter of a second of FFmpeg work in one buffer.
+    data = b"".join(d for d, _ in encode("h264", 1280, 720, 24, noise=12)) * 4
+    v.create_stream(1, p.Format.H264)
+    for rid, size in ((0, len(data)), (1, 1 << 20)):
+        entries = v.alloc_entries(size, 1)
+        v.create_resource(1, p.QueueType.INPUT, rid, entries)
+        v.write_entries(entries, data[:size])
+    busy = v.queue(1, p.QueueType.INPUT, 0, 10, len(data))
+    time.sleep(0.03)                    # the worker is inside FFmpeg with it
+    waiting = v.queue(1, p.QueueType.INPUT, 1, 20, 1 << 20)
+    kind = getattr(p.Cmd, command)
+    answer = v.submit(p.HDR.pack(kind, 1) if command == "STREAM_DESTROY"
+                      else p.QUEUE_CMD.pack(kind, 1, p.QueueType.INPUT))
+    wait_done(v, answer)
+    at = positions(v)
+    assert busy in at and waiting in at, "the inputs were not taken back before the answer"
+    assert flags_of(v.done[busy]) == flags_of(v.done[waiting]) == p.BufferFlag.ERR
+    assert at[busy] < at[answer] and at[waiting] < at[answer]
+    seen = len(v.used_order)
+    time.sleep(1.0)                     # the decode ends meanwhile
+    v.poll()
+    assert len(v.used_order) == seen, "a completion came after the answer"
+    assert not v.events, "an event for what was decoded from a cleared input"
+    if command != "STREAM_DESTROY":     # and the stream is still there
+        status = p.HDR.unpack_from(v.call(p.QUEUE_CMD.pack(p.Cmd.GET_PARAMS_EXT, 1,
+                                                           p.QueueType.INPUT)))[0]
+        assert status == p.Resp.OK_GET_PARAMS
+
+
+class Feeder:
+    """One stream kept busy through the host driver: frame-sized inputs
+    queued as they come back, output buffers requeued as they come back
+    (unless ``requeue`` is off)."""
+
+    def __init__(self, video: VideoClient, sid: int, chunks: list[bytes], inputs: int = 4,
+                 outputs: int = 6) -> None:
+        self.v, self.sid, self.todo = video, sid, list(chunks)
+        self.outputs = outputs
+        video.create_stream(sid, p.Format.H264)
+        self.inputs = {rid: video.alloc_entries(1 << 20, 1) for rid in range(inputs)}
+        for rid, entries in self.inputs.items():
+            video.create_resource(sid, p.QueueType.INPUT, rid, entries)
+        self.free_inputs = list(self.inputs)
+        self.in_tokens: dict[int, int] = {}
+        self.out_tokens: dict[int, int] = {}
+        self.out_rids: list[int] = []
+        self.pictures = 0
+        self.requeue = True
+
+    def pump(self) -> None:
+        v, sid = self.v, self.sid
+        v.poll()
+        if any(ev == (p.EventType.DECODER_RESOLUTION_CHANGED, sid) for ev in v.events):
+            assert not self.out_rids, "one size only"
+            params = v.get_params(sid, p.QueueType.OUTPUT)
+            size = sum(s for s, _ in params.plane_formats)
+            for rid in range(100, 100 + self.outputs):
+                v.create_resource(sid, p.QueueType.OUTPUT, rid, v.alloc_entries(size, 1))
+                self.out_rids.append(rid)
+            self.queue_outputs()
+        v.events.clear()
+        for token in [t for t in v.done if t in self.in_tokens]:
+            v.done.pop(token)
+            self.free_inputs.append(self.in_tokens.pop(token))
+        for token in [t for t in v.done if t in self.out_tokens]:
+            rid = self.out_tokens.pop(token)
+            if flags_of(v.done.pop(token)) & p.BufferFlag.ERR == 0:
+                self.pictures += 1
+            if self.requeue:
+                self.out_tokens[v.queue(sid, p.QueueType.OUTPUT, rid, kick=False)] = rid
+        while self.todo and self.free_inputs:
+            rid = self.free_inputs.pop(0)
+            data = self.todo.pop(0)
+            v.write_entries(self.inputs[rid], data)
+            self.in_tokens[v.queue(sid, p.QueueType.INPUT, rid, 0, len(data), kick=False)] = rid
+        v.kick(wait=False)
+
+    def queue_outputs(self) -> None:
+        queued = set(self.out_tokens.values())
+        for rid in self.out_rids:
+            if rid not in queued:
+                self.out_tokens[self.v.queue(self.sid, p.QueueType.OUTPUT, rid,
+                                             kick=False)] = rid
+        self.v.kick()
+
+    def run_until(self, pictures: int, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.pictures < pictures:
+            assert time.monotonic() < deadline, f"{self.pictures} pictures"
+            assert self.todo or self.in_tokens or self.out_tokens, "ran out of stream"
+            self.pump()
+            time.sleep(0.0002)
+
+
+def test_clear_output_while_pictures_are_written_answers_after_every_buffer(video):
+    """QUEUE_CLEAR(OUTPUT) sent again and again while 1080p pictures are
+    written: every output buffer queued before it is on the used ring
+    before its answer, none after."""
+    v = video
+    v.used_order = []
+    chunks = frame_chunks(b"".join(d for d, _ in encode("h264", 1920, 1080, 24))) * 4
+    feeder = Feeder(v, 1, chunks)
+    for clear in range(8):
+        feeder.run_until(4 * (clear + 1))
+        outstanding = set(feeder.out_tokens)
+        feeder.requeue = False
+        answer = v.submit(p.QUEUE_CMD.pack(p.Cmd.QUEUE_CLEAR, 1, p.QueueType.OUTPUT))
+        wait_done(v, answer)
+        at = positions(v)
+        late = [t for t in outstanding if t not in at or at[t] > at[answer]]
+        assert not late, f"clear {clear}: {len(late)} buffers not back before the answer"
+        assert p.HDR.unpack_from(v.done.pop(answer).data)[0] == p.Resp.OK_NODATA
+        feeder.pump()                    # takes the buffers back
+        assert not feeder.out_tokens
+        feeder.requeue = True
+        feeder.queue_outputs()
+    v.call_ok(p.HDR.pack(p.Cmd.STREAM_DESTROY, 1))
+    for token in list(feeder.in_tokens) + list(feeder.out_tokens):
+        v.wait(token)
+
+
+def test_reset_while_a_stream_decodes_leaves_nothing_for_the_next_driver(video):
+    v = video
+    chunks = frame_chunks(b"".join(d for d, _ in encode("h264", 1920, 1080, 24))) * 2
+    feeder = Feeder(v, 1, chunks)
+    feeder.run_until(6)
+    feeder.pump()
+    v.dev.initialize(want_features=0b11)     # a driver reset while pictures are written
+    fresh = VideoClient(v.m, v.dev)
+    time.sleep(0.5)                         # the old worker has long ended its write
+    fresh.poll()
+    assert not fresh.done and not fresh.events, "a stream of before the reset completed"
+    packets = encode("h264", 160, 96, 10)
+    result = fresh.decode(1, p.Format.H264, [(d, ns(pts)) for d, pts in packets])
+    assert [pic.crc for pic in result.pictures] == reference("h264", [d for d, _ in packets])
+    assert v.m.alive()

@@ -57,6 +57,7 @@ class VideoClient:
         self.m, self.dev = machine, dev
         self.cmdq, self.evq = dev.queues[p.COMMAND_QUEUE], dev.queues[p.EVENT_QUEUE]
         self.done: dict[int, Used] = {}
+        self.used_order: list[Used] | None = None   # a list: every reply, in used-ring order
         self.events: list[tuple[int, int]] = []
         self.unkicked = False
         for _ in range(event_buffers):
@@ -86,6 +87,8 @@ class VideoClient:
     def poll(self) -> None:
         while (used := self.cmdq.poll()) is not None:
             self.done[used.chain.token] = used
+            if self.used_order is not None:
+                self.used_order.append(used)
         refilled = False
         while (ev := self.evq.poll()) is not None:
             self.events.append(p.EVENT.unpack(ev.data))
