@@ -1,17 +1,27 @@
 #!/usr/bin/python3.11
-"""Builds the small Linux guest the real-guest sound tests boot.
+"""Builds the small Linux guest the real-guest tests boot.
 
-Everything comes from Debian packages (``apt-get download`` + ``dpkg -x``,
-nothing is installed on the host): the bookworm-backports kernel (6.12, the
-first Debian kernel with CONFIG_SND_VIRTIO), busybox-static, and aplay /
-arecord / amixer with libasound and alsa-lib's config files; libc comes from
-the host, which is bookworm too.  Output, cached by the package versions and
-this script's hash::
+The kernel, busybox-static and aplay / arecord / amixer (with libasound and
+alsa-lib's config files) come from Debian packages unpacked with
+``apt-get download`` + ``dpkg -x``: the bookworm-backports kernel (6.12, the
+first Debian kernel with CONFIG_SND_VIRTIO).  libc, V4L2 and GStreamer tools
+(v4l2-ctl, v4l2-compliance, gst-launch-1.0 with the v4l2 and parser
+plugins) come from the host, which is bookworm too and has them installed by
+ci/setup-host.sh, with every library they load.
+
+Two modules Debian's kernel does not ship are built out of tree against the
+same kernel's headers (packages unpacked into the cache, nothing installed):
+``v4l2-mem2mem.ko`` from the matching ``linux-source-6.12`` and the ChromeOS
+virtio-video driver from ../shared/guest-drivers/virtio-video, exactly as
+published plus guest/patches/virtio-video-linux-6.12.patch.  The project's
+own V4L2 decoder client (guest/v4l2_decode.c) is built static.
+
+Output, cached by the package versions and the hash of everything above::
 
     ${PYEMB_CACHE:-~/.cache/pyemb}/guest-<key>/{vmlinuz,initrd.img}
     build/guest -> that directory
 
-The initramfs' /init loads the sound modules, waits for the card, runs
+The initramfs' /init loads the modules, waits for the sound card, runs
 /test.sh if there is one (tests append it as a second cpio archive), prints
 ``PYEMB-GUEST-DONE rc=<status>`` and powers off.
 
@@ -24,6 +34,7 @@ import gzip
 import hashlib
 import lzma
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -34,9 +45,23 @@ REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("PYEMB_CACHE", Path.home() / ".cache" / "pyemb"))
 PACKAGES = ["busybox-static", "alsa-utils", "libasound2", "libasound2-data"]
 TOOLS = ["aplay", "arecord", "amixer"]
-MODULES = ["virtio_snd"]             # with everything they depend on
+MODULES = ["virtio_snd", "virtio_video"]     # with everything they depend on
 SYSTEM_LIBS = ["/lib64/ld-linux-x86-64.so.2", "/lib/x86_64-linux-gnu/libc.so.6",
                "/lib/x86_64-linux-gnu/libm.so.6"]
+SHARED = REPO.parent / "shared"
+VIDEO_DRIVER = SHARED / "guest-drivers" / "virtio-video"
+DRIVER_PATCH = REPO / "guest" / "patches" / "virtio-video-linux-6.12.patch"
+DECODE_CLIENT = REPO / "guest" / "v4l2_decode.c"
+# Host programs copied in with the libraries they need (ci/setup-host.sh
+# installs their packages: v4l-utils, gstreamer1.0-tools, -plugins-good/-bad).
+HOST_PACKAGES = ["v4l-utils", "gstreamer1.0-tools", "gstreamer1.0-plugins-good",
+                 "gstreamer1.0-plugins-bad"]
+MULTIARCH = "/usr/lib/x86_64-linux-gnu"
+HOST_PROGRAMS = ["/usr/bin/v4l2-ctl", "/usr/bin/v4l2-compliance", "/usr/bin/gst-launch-1.0",
+                 "/usr/bin/gst-inspect-1.0",
+                 f"{MULTIARCH}/gstreamer1.0/gstreamer-1.0/gst-plugin-scanner"]
+GST_PLUGINS = ["coreelements", "video4linux2", "videoparsersbad", "ivfparse", "debug",
+               "videoconvertscale", "app"]
 
 INIT = """#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -46,6 +71,10 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mkdir -p /tmp
 for m in $(cat /lib/modules/order); do insmod /lib/modules/$m || echo "init: insmod $m failed"; done
+export HOME=/tmp
+# GStreamer looks for plugins beside its library, which is in /lib here.
+export GST_PLUGIN_SYSTEM_PATH=/usr/lib/x86_64-linux-gnu/gstreamer-1.0
+export GST_PLUGIN_SCANNER=/usr/lib/x86_64-linux-gnu/gstreamer1.0/gstreamer-1.0/gst-plugin-scanner
 i=0
 while [ ! -e /dev/snd/controlC0 ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
 echo PYEMB-GUEST-READY
@@ -94,11 +123,13 @@ def modinfo_depends(ko: bytes) -> list[str]:
     return [d for d in value.split(",") if d]
 
 
-def collect_modules(moddir: Path) -> list[tuple[str, bytes]]:
-    """The modules to load, dependencies first, decompressed."""
+def collect_modules(moddirs: list[Path]) -> list[tuple[str, bytes]]:
+    """The modules to load, dependencies first, decompressed; a module in a
+    later directory (built out of tree) is found as well as Debian's."""
     index = {}
-    for path in moddir.rglob("*.ko*"):
-        index[path.name.split(".ko")[0].replace("-", "_")] = path
+    for moddir in moddirs:
+        for path in moddir.rglob("*.ko*"):
+            index[path.name.split(".ko")[0].replace("-", "_")] = path
     ordered: list[tuple[str, bytes]] = []
     seen: set[str] = set()
 
@@ -126,12 +157,21 @@ class Cpio:
     def __init__(self) -> None:
         self.parts: list[bytes] = []
         self.ino = 1
+        self.dirs: set[str] = set()
 
     def add(self, name: str, data: bytes = b"", mode: int = 0o100644,
             link: str | None = None) -> None:
+        """One entry; its parent directories first where not yet there (the
+        kernel's unpacker does not make them)."""
+        name = name.strip("/")
+        parent = name.rpartition("/")[0]
+        if parent and parent not in self.dirs:
+            self.dir(parent)
+        if mode & 0o170000 == 0o040000:
+            self.dirs.add(name)
         if link is not None:
             data, mode = link.encode(), 0o120777
-        name_b = name.lstrip("/").encode() + b"\0"
+        name_b = name.encode() + b"\0"
         header = "070701" + "".join(f"{v:08x}" for v in (
             self.ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(name_b), 0))
         self.ino += 1
@@ -141,11 +181,110 @@ class Cpio:
         self.parts.append(blob)
 
     def dir(self, name: str) -> None:
-        self.add(name, mode=0o040755)
+        if name.strip("/") not in self.dirs:
+            self.add(name, mode=0o040755)
 
     def finish(self) -> bytes:
         self.add("TRAILER!!!", mode=0)
         return gzip.compress(b"".join(self.parts), compresslevel=6)
+
+
+def kernel_build_tree(kernel: str, version: str) -> Path:
+    """Debian's headers and kbuild tools for the guest kernel, and the
+    v4l2-core sources of the matching linux-source package, unpacked once
+    into the cache.  Returns the headers directory to build against."""
+    abi = kernel.removeprefix("linux-image-")              # 6.12.95+deb12-amd64
+    base = abi.removesuffix("-amd64")
+    series = ".".join(base.split(".")[:2])                  # 6.12
+    tree = CACHE / f"kbuild-{abi}-{version}"
+    headers = tree / "usr" / "src" / f"linux-headers-{abi}"
+    if (tree / ".ready").exists():
+        return headers
+    shutil.rmtree(tree, ignore_errors=True)
+    debs = tree / "debs"
+    debs.mkdir(parents=True)
+    run("apt-get", "download", "-q", f"linux-headers-{abi}={version}",
+        f"linux-headers-{base}-common={version}", f"linux-kbuild-{base}={version}",
+        f"linux-source-{series}={version}", cwd=debs)
+    for deb in debs.glob("linux-[hk]*.deb"):
+        run("dpkg-deb", "-x", str(deb), str(tree))
+    # The arch Makefile includes the common one by its installed path.
+    common = tree / "usr" / "src" / f"linux-headers-{base}-common"
+    (headers / "Makefile").write_text(f"include {common}/Makefile\n")
+    source = next(debs.glob("linux-source-*.deb"))
+    wanted = f"linux-source-{series}/drivers/media/v4l2-core/v4l2-mem2mem.c"
+    tarball = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(source)], check=True,
+                             capture_output=True).stdout
+    xz = subprocess.run(["tar", "-xO", f"./usr/src/linux-source-{series}.tar.xz"],
+                        input=tarball, check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-xJ", "-C", str(tree), wanted], input=xz, check=True)
+    shutil.move(tree / wanted, tree / "v4l2-mem2mem.c")
+    shutil.rmtree(debs)
+    (tree / ".ready").touch()
+    return headers
+
+
+def kbuild(headers: Path, moddir: Path, *extra: str) -> None:
+    try:
+        run("make", "-C", str(headers), f"M={moddir}", "-j2", *extra, "modules")
+    except subprocess.CalledProcessError as e:
+        sys.exit(f"build_guest: building {moddir.name} failed:\n{e.stdout}\n{e.stderr}")
+
+
+def build_video_modules(kernel: str, version: str, tmp: Path) -> Path:
+    """v4l2-mem2mem.ko and virtio-video.ko built for the guest kernel, in
+    the directory returned."""
+    headers = kernel_build_tree(kernel, version)
+    m2m = tmp / "v4l2-mem2mem"
+    m2m.mkdir()
+    shutil.copy(headers.parents[2] / "v4l2-mem2mem.c", m2m)
+    (m2m / "Kbuild").write_text("obj-m := v4l2-mem2mem.o\n")
+    kbuild(headers, m2m)
+    # The driver exactly as published, our compatibility patch on top, and
+    # our own Kbuild (the published one points into an Android kernel tree).
+    src = tmp / "virtio-video"
+    shutil.copytree(VIDEO_DRIVER / "drivers", src / "drivers")
+    for path in src.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    run("patch", "-s", "-p1", "-d", str(src), "-i", str(DRIVER_PATCH))
+    vv = src / "drivers" / "media" / "virtio"
+    objects = " ".join(sorted(f.with_suffix(".o").name for f in vv.glob("virtio_video_*.c")))
+    (vv / "Kbuild").write_text(
+        "obj-m := virtio-video.o\n"
+        f"virtio-video-objs := {objects}\n"
+        f"ccflags-y := -I{VIDEO_DRIVER / 'include' / 'uapi'} -I$(src)\n")
+    kbuild(headers, vv, f"KBUILD_EXTRA_SYMBOLS={m2m / 'Module.symvers'}")
+    out = tmp / "video-modules"
+    out.mkdir()
+    for ko in (m2m / "v4l2-mem2mem.ko", vv / "virtio-video.ko"):
+        shutil.copy(ko, out)
+    return out
+
+
+def host_files(programs: list[str]) -> dict[str, Path]:
+    """``programs`` and every shared library they load, by guest path."""
+    files = {prog: Path(prog) for prog in programs}
+    for prog in programs:
+        for line in run("ldd", prog).splitlines():
+            match = re.search(r"=> (/\S+)", line) or re.match(r"\s*(/\S+)", line)
+            if match:
+                files[match.group(1)] = Path(match.group(1))
+    return files
+
+
+def gst_plugins() -> list[str]:
+    plugins = [f"{MULTIARCH}/gstreamer-1.0/libgst{name}.so" for name in GST_PLUGINS]
+    present = [p for p in plugins if Path(p).exists()]
+    if not any("video4linux2" in p for p in present):
+        sys.exit("build_guest: no GStreamer v4l2 plugin: run ci/setup-host.sh first")
+    return present
+
+
+def build_decode_client(tmp: Path) -> bytes:
+    out = tmp / "pyemb-v4l2-decode"
+    run("gcc", "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(out),
+        str(DECODE_CLIENT))
+    return out.read_bytes()
 
 
 def build(out: Path) -> None:
@@ -181,21 +320,29 @@ def build(out: Path) -> None:
                 cpio.dir(rel)
             else:
                 cpio.add(rel, path.read_bytes())
-        modules = collect_modules(root / "lib/modules" / abi)
+        for guest_path, host_path in host_files([*HOST_PROGRAMS, *gst_plugins()]).items():
+            if guest_path.lstrip("/") not in (lib.lstrip("/") for lib in SYSTEM_LIBS):
+                cpio.add(guest_path, host_path.resolve().read_bytes(), 0o100755)
+        cpio.add("usr/bin/pyemb-v4l2-decode", build_decode_client(tmp), 0o100755)
+        video_modules = build_video_modules(kernel, kernel_version, tmp)
+        modules = collect_modules([root / "lib/modules" / abi, video_modules])
         for name, data in modules:
             cpio.add(f"lib/modules/{name}", data)
         cpio.add("lib/modules/order", "\n".join(n for n, _ in modules).encode() + b"\n")
         (out / "initrd.img").write_bytes(cpio.finish())
         (out / "VERSIONS").write_text(
             f"{kernel} {kernel_version}\n"
-            + "".join(f"{p} {candidate(p)}\n" for p in PACKAGES)
+            + "".join(f"{p} {candidate(p)}\n" for p in PACKAGES + HOST_PACKAGES)
             + "modules: " + " ".join(n for n, _ in modules) + "\n")
 
 
 def main() -> None:
     kernel, kernel_version = kernel_package()
     key_src = Path(__file__).read_bytes() + f"{kernel}={kernel_version}".encode()
-    key_src += "".join(f"{p}={candidate(p)}" for p in PACKAGES).encode()
+    key_src += "".join(f"{p}={candidate(p)}" for p in PACKAGES + HOST_PACKAGES).encode()
+    for path in sorted([*VIDEO_DRIVER.rglob("*"), DRIVER_PATCH, DECODE_CLIENT]):
+        if path.is_file():
+            key_src += path.read_bytes()
     key = hashlib.sha256(key_src).hexdigest()[:12]
     out = CACHE / f"guest-{key}"
     if not (out / "initrd.img").exists():

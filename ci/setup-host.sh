@@ -9,6 +9,9 @@ packages=(
     libglib2.0-dev libpixman-1-dev zlib1g-dev libfdt-dev flex bison
     python3.11 python3.11-dev python3.11-venv libpython3.11-dev
     seabios libportaudio2
+    # the real-guest tier: out-of-tree guest modules (BTF needs pahole), and
+    # the V4L2 and GStreamer programs copied into the guest image
+    dwarves v4l-utils gstreamer1.0-tools gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
 )
 
 sudo_cmd=()

@@ -59,12 +59,13 @@ class GuestResult:
 
 
 def boot_guest(device_args: list[str], script: str, files: dict[str, bytes] | None = None,
-               timeout: float = 120, env: dict[str, str] | None = None) -> GuestResult:
+               timeout: float = 120, env: dict[str, str] | None = None,
+               memory: str = "256M") -> GuestResult:
     """Boot, run ``script`` as /test.sh, return the console and its exit status."""
     with tempfile.TemporaryDirectory(prefix="pyemb-guest-") as tmp:
         initrd = make_initrd({"test.sh": ("#!/bin/sh\n" + script).encode(), **(files or {})},
                              Path(tmp) / "initrd.img")
-        cmd = [str(QEMU), "-machine", "pc", "-accel", "tcg", "-m", "256M",
+        cmd = [str(QEMU), "-machine", "pc", "-accel", "tcg", "-m", memory,
                "-display", "none", "-nodefaults", "-no-reboot", "-serial", "stdio",
                "-kernel", str(guest_dir() / "vmlinuz"), "-initrd", str(initrd),
                "-append", "console=ttyS0 quiet panic=-1", *device_args]
