@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from pyemb import log
-from pyemb.device import Request, write_all
+from pyemb.device import ProtocolError, Request, write_all
 from pyemb.threadname import set_native_name
 from pyemb.video import protocol as p
 from pyemb.video.resources import Resource
@@ -165,6 +165,7 @@ class DecoderStream:
         self.resources: dict[int, dict[int, Resource]] = {
             p.QueueType.INPUT: {}, p.QueueType.OUTPUT: {}}
         self.state = StreamState.AWAITING_HEADERS
+        self.fed = False                # an input was queued: the coded format is set
         self.inputs: deque[InputJob | Marker] = deque()
         self.outputs: deque[OutputBuffer] = deque()
         self.pictures: deque[Picture | Marker] = deque()
@@ -200,6 +201,7 @@ class DecoderStream:
             buffer_done(request, resource, timestamp, p.BufferFlag.ERR)
             return
         resource.queued = True
+        self.fed = True
         self.inputs.append(InputJob(request, resource, length, timestamp))
         self.lock.notify()
 
@@ -210,6 +212,18 @@ class DecoderStream:
         resource.queued = True
         self.outputs.append(OutputBuffer(request, resource))
         self.lock.notify()
+
+    def replace_session(self, session: DecodeSession, coded_format: int) -> DecodeSession:
+        """SET_PARAMS(INPUT) names another coded format: decode that instead,
+        as long as no input was queued.  The ChromeOS driver creates its
+        stream at open() with the first format it found and names the real
+        one at S_FMT(OUTPUT).  Returns the session that was replaced."""
+        if self.fed or self.state is not StreamState.AWAITING_HEADERS:
+            raise ProtocolError(p.Resp.ERR_INVALID_OPERATION,
+                                "the coded format cannot change once decoding started")
+        old, self.session = self.session, session
+        self.params[p.QueueType.INPUT].format = coded_format
+        return old
 
     def start_drain(self, request: Request) -> None:
         self.drain = request

@@ -313,8 +313,16 @@ class VideoDevice(DeviceModel):
 
     def _set_input_params(self, stream: DecoderStream, cur: p.Params, new: p.Params) -> None:
         if new.format != cur.format:
-            raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER,
-                                "the coded format is fixed at STREAM_CREATE")
+            if new.format not in self.backend.coded_formats():
+                raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER,
+                                    f"coded format 0x{new.format:x}")
+            session = self.backend.open_session(p.Format(new.format))
+            try:
+                old = stream.replace_session(session, new.format)
+            except ProtocolError:
+                session.close()
+                raise
+            old.close()
         if new.plane_formats and new.plane_formats[0][0]:
             cur.plane_formats = [(new.plane_formats[0][0], 0)]   # sizeimage of input buffers
         if new.frame_rate:
