@@ -106,3 +106,24 @@ def reference(codec: str, chunks: list[bytes], fmt: int = p.Format.NV12) -> list
             crcs += [zlib.crc32(visible(f, fmt)) for f in ctx.decode(pkt)]
     crcs += [zlib.crc32(visible(f, fmt)) for f in ctx.decode(None)]
     return crcs
+
+
+# V4L2 fourcc of each coded format, as the guest's OUTPUT queue names it.
+FOURCCS = {"h264": "H264", "hevc": "HEVC", "vp8": "VP80", "vp9": "VP90",
+           "mpeg2": "MPG2", "mpeg4": "MPG4"}
+
+
+def split_frames(data: bytes, codec: str = "h264") -> list[bytes]:
+    """An elementary stream cut at frame boundaries by FFmpeg's parser (what
+    a V4L2 client queues as one OUTPUT buffer each)."""
+    ctx = av.CodecContext.create(CODECS[codec][2], "r")
+    packets = [bytes(pkt) for pkt in ctx.parse(data)] + [bytes(pkt) for pkt in ctx.parse(None)]
+    return [pkt for pkt in packets if pkt]
+
+
+def frames_file(codec: str, width: int, height: int, records: list[bytes]) -> bytes:
+    """The input of guest/v4l2_decode.c: magic, coded fourcc, size hint, then
+    each OUTPUT buffer's bytes behind their le32 length."""
+    head = b"PYF1" + FOURCCS[codec].encode() + width.to_bytes(4, "little")
+    head += height.to_bytes(4, "little")
+    return head + b"".join(len(r).to_bytes(4, "little") + r for r in records)

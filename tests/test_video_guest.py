@@ -1,0 +1,161 @@
+"""Real-guest tier for virtio-video-py: Debian's 6.12 kernel with the
+ChromeOS virtio-video driver (built out of tree by ci/build_guest.py), and
+V4L2 clients in the guest: the project's own stateful-decoder client
+(guest/v4l2_decode.c), GStreamer's v4l2 decoders and v4l2-compliance.
+
+One boot runs every decode; each picture's CRC-32 is compared on the host
+with PyAV decoding the same records directly (tests/streams.py)."""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+
+import pytest
+
+from pyemb.video import protocol as p
+from tests.guest import GuestResult, boot_guest
+from tests.streams import encode, frames_file, reference, shared_dir, split_frames
+
+CROSVM = shared_dir() / "vectors" / "crosvm-test-25fps"
+DECODE = "pyemb-v4l2-decode"
+RECORD_US = 40000           # the client stamps record i with i * 40 ms
+CODEC_MATRIX = ["h264", "hevc", "vp8", "vp9", "mpeg2", "mpeg4"]
+SEEK_FROM, SEEK_TO = 20, 36     # queue 20 records, then go on from keyframe 36
+
+
+@cache
+def crosvm_records() -> tuple[bytes, ...]:
+    return tuple(split_frames((CROSVM / "test-25fps.h264").read_bytes()))
+
+
+def crosvm_crcs() -> list[int]:
+    return [int(c, 16) for c in (CROSVM / "test-25fps.crc").read_text().split()]
+
+
+def generated(codec: str, width: int, height: int, frames: int) -> list[bytes]:
+    return [data for data, _ in encode(codec, width, height, frames)]
+
+
+def streams() -> dict[str, tuple[str, int, int, list[bytes]]]:
+    """name: (codec, width, height, records)."""
+    out = {"crosvm": ("h264", 320, 240, list(crosvm_records()))}
+    for codec in CODEC_MATRIX:
+        out[codec] = (codec, 160, 96, generated(codec, 160, 96, 24))
+    out["odd"] = ("h264", 322, 242, generated("h264", 322, 242, 12))
+    out["reschange"] = ("h264", 160, 96, generated("h264", 160, 96, 12)
+                        + [d for d, _ in encode("h264", 320, 192, 12, start=50)])
+    out["seek"] = ("h264", 160, 96, generated("h264", 160, 96, 60))
+    return out
+
+
+SCRIPT = f"""
+decode() {{ name=$1; shift; echo "== $name"; {DECODE} "$@"; echo "client rc=$?"; }}
+decode crosvm-nv12 /crosvm.pyf
+decode crosvm-yu12 --format YU12 /crosvm.pyf
+for c in {' '.join(CODEC_MATRIX)}; do decode codec-$c /$c.pyf; done
+decode odd /odd.pyf
+decode reschange /reschange.pyf
+decode seek --seek {SEEK_FROM}:{SEEK_TO} /seek.pyf
+echo "== two-at-once"
+{DECODE} /crosvm.pyf > /tmp/a.txt & a=$!
+{DECODE} --format YU12 /crosvm.pyf > /tmp/b.txt & b=$!
+wait $a; echo "a rc=$?"; wait $b; echo "b rc=$?"
+echo "== two-a"; cat /tmp/a.txt
+echo "== two-b"; cat /tmp/b.txt
+echo "== killed"
+{DECODE} /long.pyf > /tmp/k.txt 2>&1 & k=$!
+i=0; while [ $(grep -c FRAME /tmp/k.txt) -lt 50 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+kill -9 $k; wait $k; echo "killed after $(grep -c FRAME /tmp/k.txt) pictures"
+decode after-kill /crosvm.pyf
+echo "== compliance"
+v4l2-compliance -d /dev/video0 2>&1 | grep -E "fail:|^Total"
+echo "== compliance-streaming"
+v4l2-compliance -d /dev/video0 -s 2>&1 | grep -E "fail:|^Total"
+echo "== dmesg"
+dmesg | grep -i -E "virtio.video|warn|bug|oops" | grep -v -E "^\\[ *0\\.0"
+"""
+
+
+@pytest.fixture(scope="module")
+def guest() -> GuestResult:
+    files = {f"{name}.pyf": frames_file(codec, w, h, records)
+             for name, (codec, w, h, records) in streams().items()}
+    files["crosvm.h264"] = (CROSVM / "test-25fps.h264").read_bytes()
+    # Long enough that the client is still decoding when it is killed.
+    files["long.pyf"] = frames_file("h264", 320, 240, list(crosvm_records()) * 4)
+    return boot_guest(["-device", "virtio-video-py-pci"], SCRIPT, files, timeout=600,
+                      memory="1G")
+
+
+def pictures(text: str) -> list[tuple[int, int]]:
+    """(timestamp in us, CRC) of each FRAME line the client printed."""
+    return [(int(ts), int(crc, 16))
+            for ts, crc in re.findall(r"^FRAME \d+ (\d+) ([0-9a-f]{8})$", text, re.M)]
+
+
+def decoded(guest: GuestResult, section: str) -> list[tuple[int, int]]:
+    text = guest.section(section)
+    assert "client rc=0" in text, text
+    assert re.search(r"^DONE pictures=\d+ rc=0$", text, re.M), text
+    return pictures(text)
+
+
+def test_guest_ran_to_the_end(guest):
+    assert guest.rc == 0, guest.console[-4000:]
+
+
+@pytest.mark.parametrize("section,fmt", [("crosvm-nv12", p.Format.NV12),
+                                         ("crosvm-yu12", p.Format.YUV420)])
+def test_crosvm_vector_bit_exact_in_nv12_and_yu12(guest, section, fmt):
+    crcs = [crc for _, crc in decoded(guest, section)]
+    expected = crosvm_crcs() if fmt == p.Format.NV12 else reference(
+        "h264", list(crosvm_records()), fmt)
+    assert len(crcs) == 250
+    assert crcs == expected
+
+
+@pytest.mark.parametrize("codec", CODEC_MATRIX)
+def test_codec_matrix_bit_exact_with_input_timestamps(guest, codec):
+    got = decoded(guest, f"codec-{codec}")
+    packets = encode(codec, 160, 96, 24)
+    assert [crc for _, crc in got] == reference(codec, [d for d, _ in packets])
+    # The k-th picture in display order came from the record whose pts is k.
+    record_of = {pts: i for i, (_, pts) in enumerate(packets)}
+    assert [ts for ts, _ in got] == [record_of[k] * RECORD_US for k in range(len(got))]
+
+
+def test_odd_size(guest):
+    _, _, _, records = streams()["odd"]
+    assert [crc for _, crc in decoded(guest, "odd")] == reference("h264", records)
+
+
+def test_resolution_change_mid_stream(guest):
+    _, _, _, records = streams()["reschange"]
+    text = guest.section("reschange")
+    assert re.findall(r"^RESCHANGE (\S+)$", text, re.M)[-1] == "320x192", text
+    assert [crc for _, crc in decoded(guest, "reschange")] == reference("h264", records)
+
+
+def test_seek_restarts_at_the_keyframe(guest):
+    _, _, _, records = streams()["seek"]
+    got = decoded(guest, "seek")
+    assert f"SEEK {SEEK_FROM} {SEEK_TO}" in guest.section("seek")
+    after = [crc for ts, crc in got if ts >= SEEK_TO * RECORD_US]
+    assert after == reference("h264", records[SEEK_TO:])
+    before = [crc for ts, crc in got if ts < SEEK_FROM * RECORD_US]
+    assert before == reference("h264", records)[:len(before)]
+
+
+def test_two_processes_at_once(guest):
+    assert "a rc=0" in guest.section("two-at-once")
+    assert "b rc=0" in guest.section("two-at-once")
+    assert [crc for _, crc in pictures(guest.section("two-a"))] == crosvm_crcs()
+    yu12 = reference("h264", list(crosvm_records()), p.Format.YUV420)
+    assert [crc for _, crc in pictures(guest.section("two-b"))] == yu12
+
+
+def test_a_killed_client_does_not_stop_the_next(guest):
+    killed = int(re.search(r"killed after (\d+) pictures", guest.section("killed")).group(1))
+    assert 50 <= killed < 1000, guest.section("killed")
+    assert [crc for _, crc in decoded(guest, "after-kill")] == crosvm_crcs()
