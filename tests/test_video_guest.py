@@ -43,8 +43,10 @@ def streams() -> dict[str, tuple[str, int, int, list[bytes]]]:
     for codec in CODEC_MATRIX:
         out[codec] = (codec, 160, 96, generated(codec, 160, 96, 24))
     out["odd"] = ("h264", 322, 242, generated("h264", 322, 242, 12))
-    out["reschange"] = ("h264", 160, 96, generated("h264", 160, 96, 12)
-                        + [d for d, _ in encode("h264", 320, 192, 12, start=50)])
+    # Smaller, then larger: the old buffers must not take the smaller pictures.
+    out["reschange"] = ("h264", 320, 192, generated("h264", 320, 192, 12)
+                        + [d for d, _ in encode("h264", 160, 96, 12, start=50)]
+                        + [d for d, _ in encode("h264", 320, 192, 12, start=90)])
     out["seek"] = ("h264", 160, 96, generated("h264", 160, 96, 60))
     return out
 
@@ -133,7 +135,8 @@ def test_odd_size(guest):
 def test_resolution_change_mid_stream(guest):
     _, _, _, records = streams()["reschange"]
     text = guest.section("reschange")
-    assert re.findall(r"^RESCHANGE (\S+)$", text, re.M)[-1] == "320x192", text
+    assert re.findall(r"^RESCHANGE (\S+)$", text, re.M)[-2:] == ["160x96", "320x192"], text
+    assert "came in a buffer set up for" not in text, text
     assert [crc for _, crc in decoded(guest, "reschange")] == reference("h264", records)
 
 

@@ -82,7 +82,7 @@ def test_pictures_go_to_the_most_recently_queued_free_buffer():
                            [FakeChunk(4)])
             with stream.lock:
                 stream.queue_input(request, res, 4, ts)
-                stream.params_read(p.QueueType.OUTPUT)   # the driver follows the event
+                stream.output_set_up()   # the driver follows the event
             inputs.append(request)
             wait_for(inputs)
         wait_for(list(buffers.values()))
@@ -217,12 +217,16 @@ class Rig:
             for rid in range(count):
                 self.create(queue, rid, page * PAGE)
                 page += 1
-        # The first picture: its size event, then the driver reads the params.
+        # The first picture: its size event, then the driver reads the
+        # params and sets the OUTPUT queue up (S_FMT on CAPTURE).
         self.next_input = 0
         first = self.queue_output(0)
         self.decode(1)
         wait_until(lambda: self.events(), "the size event")
-        self.ok(p.QUEUE_CMD.pack(p.Cmd.GET_PARAMS_EXT, SID, p.QueueType.OUTPUT))
+        reply = self.ok(p.QUEUE_CMD.pack(p.Cmd.GET_PARAMS_EXT, SID, p.QueueType.OUTPUT))
+        assert self.stream.state is StreamState.RESOLUTION_CHANGE, "a read is not a set-up"
+        params = p.Params.unpack(reply, p.HDR.size, True)
+        self.ok(p.HDR.pack(p.Cmd.SET_PARAMS_EXT, SID) + params.pack_ext())
         wait_until(lambda: first in self.handle.used, "the first picture")
         assert self.stream.state is StreamState.DECODING
 

@@ -211,6 +211,8 @@ class DecoderStream:
             return
         resource.queued = True
         self.outputs.append(OutputBuffer(request, resource))
+        if not resource.older_geometry:
+            self.output_set_up()        # a buffer made for the new geometry
         self.lock.notify()
 
     def replace_session(self, session: DecodeSession, coded_format: int) -> DecodeSession:
@@ -233,9 +235,15 @@ class DecoderStream:
         self.inputs.append(Marker.DRAIN)
         self.lock.notify()
 
-    def params_read(self, queue_type: int) -> None:
-        """The driver read the OUTPUT params: it knows the new geometry."""
-        if queue_type == p.QueueType.OUTPUT and self.state is StreamState.RESOLUTION_CHANGE:
+    def output_set_up(self) -> None:
+        """The driver has set the OUTPUT queue up for the new geometry:
+        pictures of that size may go out.  Said by SET_PARAMS(OUTPUT) (the
+        ChromeOS driver sends it at S_FMT and REQBUFS on CAPTURE) and by
+        queueing a buffer created since the change (crosvm's rule).
+        Reading the params is not enough: the ChromeOS driver reads them as
+        soon as the event arrives, before its client has taken the pictures
+        of the old size and given its old buffers back."""
+        if self.state is StreamState.RESOLUTION_CHANGE:
             self._to(StreamState.DECODING)
             self.lock.notify()
 
@@ -559,6 +567,8 @@ class DecoderStream:
         out.crop = (0, 0, width, height)
         out.plane_formats = plane_formats(out.format, coded_w, coded_h)
         self.geometry = (width, height)
+        for resource in self.resources[p.QueueType.OUTPUT].values():
+            resource.older_geometry = True
         self._to(StreamState.RESOLUTION_CHANGE)
         self._event(p.EventType.DECODER_RESOLUTION_CHANGED)
 

@@ -289,7 +289,6 @@ class VideoDevice(DeviceModel):
         with stream.lock:
             params = stream.params[queue_type]
             body = params.pack_ext() if kind == p.Cmd.GET_PARAMS_EXT else params.pack()
-            stream.params_read(queue_type)
         return p.HDR.pack(p.Resp.OK_GET_PARAMS, stream.id) + body
 
     def set_params(self, command: bytes, request: Request) -> bytes:
@@ -308,7 +307,7 @@ class VideoDevice(DeviceModel):
                 self._set_input_params(stream, cur, new)
             else:
                 self._set_output_params(cur, new)
-                stream.params_read(queue_type)
+                stream.output_set_up()
         return p.reply(p.Resp.OK_NODATA, stream.id)
 
     def _set_input_params(self, stream: DecoderStream, cur: p.Params, new: p.Params) -> None:

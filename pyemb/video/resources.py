@@ -23,6 +23,7 @@ class Resource:
     plane_offsets: list[int]
     chunks: list[GuestMapping]
     queued: bool = False
+    older_geometry: bool = False      # made before the last resolution change
     size: int = field(init=False)
 
     def __post_init__(self) -> None:
