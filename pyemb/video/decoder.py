@@ -60,6 +60,9 @@ INPUT_BUFFER_SIZE = 1 << 20          # default sizeimage of bitstream buffers
 OUTPUT_MIN_BUFFERS = 8               # reference frames + reorder depth, with slack
 MAX_BUFFERS = 32
 ALIGN = 16                           # coded size: macroblock alignment
+# What both queues report before the stream or the client names a size:
+# V4L2 clients and v4l2-compliance refuse a 0x0 format.
+DEFAULT_SIZE = (640, 480)
 
 
 def align(v: int, a: int = ALIGN) -> int:
@@ -177,6 +180,7 @@ class DecoderStream:
         self.geometry: tuple[int, int] | None = None    # visible size being output
         self._layout_of: list[tuple[int, int]] | None = None    # see _output_layout
         self._layout_cache: tuple[list[tuple[int, int]], int] = ([], 0)
+        self.coded_size_hint(*DEFAULT_SIZE)
         self.thread = threading.Thread(target=self._run, name=f"pyemb-video-stream{stream_id}",
                                        daemon=True)
         self.thread.start()
@@ -226,6 +230,20 @@ class DecoderStream:
         old, self.session = self.session, session
         self.params[p.QueueType.INPUT].format = coded_format
         return old
+
+    def coded_size_hint(self, width: int, height: int) -> None:
+        """The size a client expects (SET_PARAMS(INPUT), from S_FMT on the
+        V4L2 OUTPUT queue): both queues report it, and the OUTPUT params a
+        layout for it, until the stream's headers give the real size (the
+        stateful decoder interface's "derived CAPTURE format")."""
+        if self.geometry is not None:
+            return
+        coded = self.params[p.QueueType.INPUT]
+        coded.frame_width, coded.frame_height = width, height
+        out = self.params[p.QueueType.OUTPUT]
+        out.frame_width, out.frame_height = align(width), align(height)
+        out.crop = (0, 0, width, height)
+        out.plane_formats = plane_formats(out.format, out.frame_width, out.frame_height)
 
     def start_drain(self, request: Request) -> None:
         self.drain = request

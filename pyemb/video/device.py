@@ -61,7 +61,7 @@ class VideoDevice(DeviceModel):
         if not isinstance(name, str) or len(name.encode()) > 32:
             raise ConfigError("config: video.device_name must be a string of at most 32 bytes")
         self.device_name = name.encode()
-        self.max_streams = get_int(video, "max_streams", 32, 1, 1024, "video")
+        self.max_streams = get_int(video, "max_streams", 128, 1, 1024, "video")
         backend_class = backend_class or PyAVBackend
         if not issubclass(backend_class, VideoBackend):
             raise ConfigError(f"backend {backend_class.__name__} is not a pyemb VideoBackend")
@@ -326,6 +326,18 @@ class VideoDevice(DeviceModel):
             cur.plane_formats = [(new.plane_formats[0][0], 0)]   # sizeimage of input buffers
         if new.frame_rate:
             cur.frame_rate = new.frame_rate
+        if (new.frame_width, new.frame_height) != (cur.frame_width, cur.frame_height):
+            width, height = new.frame_width, new.frame_height
+            if not self._frame_size_supported(cur.format, width, height):
+                raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER, f"frame size {width}x{height}")
+            stream.coded_size_hint(width + width % 2, height + height % 2)
+
+    def _frame_size_supported(self, coded: int, width: int, height: int) -> bool:
+        for desc in self.backend.capabilities(p.QueueType.INPUT):
+            if desc.format == coded:
+                return any(f.width.min <= width <= f.width.max
+                           and f.height.min <= height <= f.height.max for f in desc.frames)
+        return False
 
     def _set_output_params(self, cur: p.Params, new: p.Params) -> None:
         if new.format not in self.backend.raw_formats():
