@@ -68,6 +68,39 @@ def test_generated_streams_match_pyav_and_keep_timestamps(video, codec):
         assert p.BufferFlag.BFRAME in kinds
 
 
+def test_coded_format_named_after_stream_create_as_the_chromeos_driver_does(video):
+    packets = encode("vp8", 160, 96, 12)
+    result = video.decode(1, p.Format.VP8, [(d, ns(pts)) for d, pts in packets],
+                          open_as=p.Format.H264)
+    assert [pic.crc for pic in result.pictures] == reference("vp8", [d for d, _ in packets])
+
+
+def test_coded_format_is_fixed_once_an_input_is_queued(video):
+    video.create_stream(1, p.Format.H264)
+    video.create_resource(1, p.QueueType.INPUT, 0, video.alloc_entries(4096, 1))
+    video.wait(video.queue(1, p.QueueType.INPUT, 0, 0, 16))
+    params = video.get_params(1, p.QueueType.INPUT)
+    params.format = p.Format.VP8
+    reply = video.call(p.HDR.pack(p.Cmd.SET_PARAMS_EXT, 1) + params.pack_ext())
+    assert status_of(reply) == p.Resp.ERR_INVALID_OPERATION
+
+
+def test_size_before_the_headers_follows_the_client_then_the_stream(video):
+    video.create_stream(1, p.Format.H264)
+    out = video.get_params(1, p.QueueType.OUTPUT)
+    assert (out.frame_width, out.frame_height) == (640, 480)      # never 0x0
+    params = video.get_params(1, p.QueueType.INPUT)
+    params.frame_width, params.frame_height = 322, 242
+    video.set_params(1, params)
+    out = video.get_params(1, p.QueueType.OUTPUT)
+    assert (out.frame_width, out.frame_height, out.crop) == (336, 256, (0, 0, 322, 242))
+    assert out.plane_formats == [(336 * 256, 336), (336 * 128, 336)]
+    for size in ((0, 0), (8, 8), (5000, 100)):
+        params.frame_width, params.frame_height = size
+        reply = video.call(p.HDR.pack(p.Cmd.SET_PARAMS_EXT, 1) + params.pack_ext())
+        assert status_of(reply) == p.Resp.ERR_INVALID_PARAMETER, size
+
+
 def test_odd_size_is_cropped_from_an_aligned_coded_size(video):
     packets = encode("h264", 322, 242, 6)
     result = video.decode(1, p.Format.H264, [(d, ns(pts)) for d, pts in packets])

@@ -212,8 +212,12 @@ class StreamRun:
                  chunks: list[tuple[bytes, int]], input_buffers: int = 4,
                  output_buffers: int = 8, sg_chunks: int = 1,
                  output_format: int = p.Format.NV12, keep_pictures: bool = False,
-                 read_pictures: bool = True) -> None:
+                 read_pictures: bool = True, open_as: int | None = None) -> None:
+        """``open_as``: create the stream with that coded format and name the
+        real one in SET_PARAMS(INPUT), as the ChromeOS driver does (it
+        creates the stream at open() with the first format it knows)."""
         self.c, self.sid, self.coded = client, sid, coded
+        self.open_as = open_as
         self.todo = list(chunks)
         self.input_buffers, self.output_buffers = input_buffers, output_buffers
         self.sg_chunks, self.output_format = sg_chunks, output_format
@@ -232,7 +236,11 @@ class StreamRun:
         """Create the stream and its input resources."""
         self.started = True
         c = self.c
-        c.create_stream(self.sid, self.coded)
+        c.create_stream(self.sid, self.open_as or self.coded)
+        if self.open_as is not None:
+            params = c.get_params(self.sid, p.QueueType.INPUT)
+            params.format = self.coded
+            c.set_params(self.sid, params)
         if self.output_format != p.Format.NV12:
             params = c.get_params(self.sid, p.QueueType.OUTPUT)
             params.format = self.output_format
