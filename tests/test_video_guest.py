@@ -99,7 +99,7 @@ def pictures(text: str) -> list[tuple[int, int]]:
 def decoded(guest: GuestResult, section: str) -> list[tuple[int, int]]:
     text = guest.section(section)
     assert "client rc=0" in text, text
-    assert re.search(r"^DONE pictures=\d+ rc=0$", text, re.M), text
+    assert re.search(r"^DONE pictures=\d+ rc=0 ", text, re.M), text
     return pictures(text)
 
 
