@@ -12,6 +12,8 @@ packages=(
     # the real-guest tier: out-of-tree guest modules (BTF needs pahole), and
     # the V4L2 and GStreamer programs copied into the guest image
     dwarves v4l-utils gstreamer1.0-tools gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
+    # the arm64 guest: its virtio-video driver and our client cross-built
+    gcc-aarch64-linux-gnu libc6-dev-arm64-cross
 )
 
 sudo_cmd=()
@@ -53,6 +55,12 @@ SRC
     need_update=1
 fi
 
+# The arm64 guest's packages are fetched with apt-get download <name>:arm64.
+if ! dpkg --print-foreign-architectures | grep -qx arm64; then
+    "${sudo_cmd[@]}" dpkg --add-architecture arm64
+    need_update=1
+fi
+
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -60,8 +68,9 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
     need_update=1
 fi
-# apt-cache showsrc needs the source lists once.
-if ! ls /var/lib/apt/lists/*trixie*Sources* /var/lib/apt/lists/*bookworm-backports*Packages* >/dev/null 2>&1; then
+# apt-cache showsrc needs the source lists once, the arm64 guest the arm64 ones.
+if ! ls /var/lib/apt/lists/*trixie*Sources* /var/lib/apt/lists/*bookworm-backports*Packages* \
+        /var/lib/apt/lists/*bookworm-backports*binary-arm64_Packages* >/dev/null 2>&1; then
     need_update=1
 fi
 if [ "$need_update" = 1 ]; then
