@@ -14,6 +14,7 @@ setup:
 build: setup
 	bash ci/build-qemu.sh
 	/usr/bin/python3.11 ci/build_guest.py
+	/usr/bin/python3.11 ci/build_guest.py --arch arm64
 
 test: build
 	$(PYTHON) -m ruff check pyemb tests bench ci

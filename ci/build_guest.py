@@ -1,35 +1,45 @@
 #!/usr/bin/python3.11
 """Builds the small Linux guest the real-guest tests boot.
 
-The kernel, busybox-static and aplay / arecord / amixer (with libasound and
-alsa-lib's config files) come from Debian packages unpacked with
-``apt-get download`` + ``dpkg -x``: the bookworm-backports kernel (6.12, the
-first Debian kernel with CONFIG_SND_VIRTIO).  libc, V4L2 and GStreamer tools
-(v4l2-ctl, v4l2-compliance, gst-launch-1.0 with the v4l2 and parser
-plugins) come from the host, which is bookworm too and has them installed by
-ci/setup-host.sh, with every library they load.
+Two guests: x86_64 (the default, Debian amd64) and arm64 (``--arch arm64``,
+for ``qemu-system-aarch64 -machine virt``).
 
-Two modules Debian's kernel does not ship are built out of tree against the
-same kernel's headers (packages unpacked into the cache, nothing installed):
-``v4l2-mem2mem.ko`` from the matching ``linux-source-6.12`` and the ChromeOS
-virtio-video driver from ../shared/guest-drivers/virtio-video, exactly as
-published plus guest/patches/virtio-video-linux-6.12.patch.  The project's
-own V4L2 decoder client (guest/v4l2_decode.c) is built static.
+The kernel, busybox-static and aplay / arecord / amixer (with libasound and
+alsa-lib's config files) come from Debian packages of the guest's
+architecture unpacked with ``apt-get download`` + ``dpkg -x``: the
+bookworm-backports kernel (6.12, the first Debian kernel with
+CONFIG_SND_VIRTIO).  On x86_64, libc, V4L2 and GStreamer tools (v4l2-ctl,
+v4l2-compliance, gst-launch-1.0 with the v4l2 and parser plugins) come from
+the host, which is bookworm too and has them installed by ci/setup-host.sh,
+with every library they load; on arm64, libc comes from libc6:arm64 and there
+are no V4L2/GStreamer tools.
+
+The ChromeOS virtio-video driver from ../shared/guest-drivers/virtio-video,
+exactly as published plus guest/patches/virtio-video-linux-6.12.patch, is
+built out of tree against the same kernel's headers (packages unpacked into
+the cache, nothing installed), and so is ``v4l2-mem2mem.ko`` from the matching
+``linux-source-6.12`` where Debian's kernel does not ship it (amd64:
+CONFIG_V4L2_MEM2MEM_DEV is off; arm64 ships it).  The kernel build tools come
+from the host's ``linux-kbuild`` package (Multi-Arch: foreign: Debian's way of
+building modules for another architecture against its headers), with the
+cross compiler the headers name (aarch64-linux-gnu-gcc-12 for arm64).  The
+project's own V4L2 decoder client (guest/v4l2_decode.c) is built static.
 
 Output, cached by the package versions and the hash of everything above::
 
     ${PYEMB_CACHE:-~/.cache/pyemb}/guest-<key>/{vmlinuz,initrd.img}
-    build/guest -> that directory
+    build/guest -> that directory (build/guest-arm64 for arm64)
 
 The initramfs' /init loads the modules, waits for the sound card, runs
 /test.sh if there is one (tests append it as a second cpio archive), prints
 ``PYEMB-GUEST-DONE rc=<status>`` and powers off.
 
-    /usr/bin/python3.11 ci/build_guest.py
+    /usr/bin/python3.11 ci/build_guest.py [--arch amd64|arm64]
 """
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import hashlib
 import lzma
@@ -39,13 +49,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("PYEMB_CACHE", Path.home() / ".cache" / "pyemb"))
 PACKAGES = ["busybox-static", "alsa-utils", "libasound2", "libasound2-data"]
+ARCH_ALL = {"libasound2-data"}                  # one package for every architecture
 TOOLS = ["aplay", "arecord", "amixer"]
-MODULES = ["virtio_snd", "virtio_video"]     # with everything they depend on
 SYSTEM_LIBS = ["/lib64/ld-linux-x86-64.so.2", "/lib/x86_64-linux-gnu/libc.so.6",
                "/lib/x86_64-linux-gnu/libm.so.6"]
 SHARED = REPO.parent / "shared"
@@ -63,6 +75,44 @@ HOST_PROGRAMS = ["/usr/bin/v4l2-ctl", "/usr/bin/v4l2-compliance", "/usr/bin/gst-
 GST_PLUGINS = ["coreelements", "video4linux2", "videoparsersbad", "ivfparse", "debug",
                "videoconvertscale", "app"]
 
+
+@dataclass(frozen=True)
+class Arch:
+    """What differs between the guests: Debian's name for the architecture,
+    its GNU triplet, the modules /init loads (with everything they depend
+    on) and where the result is linked."""
+
+    debian: str
+    triplet: str
+    modules: tuple[str, ...]
+    link: str
+
+    @property
+    def native(self) -> bool:
+        return self.debian == host_arch()
+
+    @property
+    def cross(self) -> str:
+        """The prefix of its compiler and binutils on this host."""
+        return "" if self.native else f"{self.triplet}-"
+
+    def package(self, name: str) -> str:
+        """``name`` as apt names it for this architecture."""
+        return name if self.native or name in ARCH_ALL else f"{name}:{self.debian}"
+
+    @property
+    def packages(self) -> list[str]:
+        """The userland packages: with libc where it is not the host's."""
+        return [self.package(p) for p in PACKAGES + ([] if self.native else ["libc6"])]
+
+
+ARCHES = {
+    "amd64": Arch("amd64", "x86_64-linux-gnu", ("virtio_snd", "virtio_video"), "guest"),
+    # virt's virtio-mmio transports need virtio_mmio, a module on arm64 (virtio_pci is built in).
+    "arm64": Arch("arm64", "aarch64-linux-gnu", ("virtio_mmio", "virtio_snd", "virtio_video"),
+                  "guest-arm64"),
+}
+
 INIT = """#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin:/usr/bin
@@ -73,8 +123,8 @@ mkdir -p /tmp
 for m in $(cat /lib/modules/order); do insmod /lib/modules/$m || echo "init: insmod $m failed"; done
 export HOME=/tmp
 # GStreamer looks for plugins beside its library, which is in /lib here.
-export GST_PLUGIN_SYSTEM_PATH=/usr/lib/x86_64-linux-gnu/gstreamer-1.0
-export GST_PLUGIN_SCANNER=/usr/lib/x86_64-linux-gnu/gstreamer1.0/gstreamer-1.0/gst-plugin-scanner
+export GST_PLUGIN_SYSTEM_PATH=/usr/lib/{triplet}/gstreamer-1.0
+export GST_PLUGIN_SCANNER=/usr/lib/{triplet}/gstreamer1.0/gstreamer-1.0/gst-plugin-scanner
 i=0
 while [ ! -e /dev/snd/controlC0 ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
 echo PYEMB-GUEST-READY
@@ -89,6 +139,11 @@ def run(*cmd: str, cwd: Path | None = None) -> str:
     return subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=cwd).stdout
 
 
+@cache
+def host_arch() -> str:
+    return run("dpkg", "--print-architecture").strip()
+
+
 def candidate(package: str, suite: str | None = None) -> str:
     """The version apt would install, or the newest one from ``suite``."""
     if suite:
@@ -97,21 +152,37 @@ def candidate(package: str, suite: str | None = None) -> str:
             if len(fields) == 3 and f" {suite}/" in fields[2]:
                 return fields[1]
         sys.exit(f"build_guest: no {package} in {suite}: run ci/setup-host.sh first")
-    for line in run("apt-cache", "policy", package).splitlines():
-        if line.strip().startswith("Candidate:"):
-            return line.split()[1]
-    sys.exit(f"build_guest: apt knows no {package}")
+    return candidates((package,))[package]
 
 
-def kernel_package() -> tuple[str, str]:
-    """linux-image-<abi>-amd64 that bookworm-backports' linux-image-amd64 pulls."""
-    version = candidate("linux-image-amd64", "bookworm-backports")
-    deps = run("apt-cache", "show", f"linux-image-amd64={version}")
+@cache
+def candidates(packages: tuple[str, ...]) -> dict[str, str]:
+    """The version apt would install of each package, from one apt-cache
+    call (each call reads apt's whole cache: about a second here)."""
+    found: dict[str, str] = {}
+    name = ""
+    for line in run("apt-cache", "policy", *packages).splitlines():
+        if not line.startswith(" ") and line.endswith(":"):
+            name = line[:-1]
+        elif line.strip().startswith("Candidate:") and line.split()[1] != "(none)":
+            found[name] = line.split()[1]
+    for package in packages:
+        if package not in found:
+            sys.exit(f"build_guest: apt knows no {package}")
+    return found
+
+
+@cache
+def kernel_package(arch: Arch) -> tuple[str, str]:
+    """linux-image-<abi>-<arch> that bookworm-backports' linux-image-<arch> pulls."""
+    meta = arch.package(f"linux-image-{arch.debian}")
+    version = candidate(meta, "bookworm-backports")
+    deps = run("apt-cache", "show", f"{meta}={version}")
     for line in deps.splitlines():
         if line.startswith("Depends:"):
             name = line.split(":", 1)[1].split(",")[0].split("(")[0].strip()
-            return name, candidate(name)
-    sys.exit("build_guest: cannot tell which kernel linux-image-amd64 needs")
+            return name, candidate(arch.package(name))
+    sys.exit(f"build_guest: cannot tell which kernel {meta} needs")
 
 
 def modinfo_depends(ko: bytes) -> list[str]:
@@ -123,7 +194,7 @@ def modinfo_depends(ko: bytes) -> list[str]:
     return [d for d in value.split(",") if d]
 
 
-def collect_modules(moddirs: list[Path]) -> list[tuple[str, bytes]]:
+def collect_modules(moddirs: list[Path], names: tuple[str, ...]) -> list[tuple[str, bytes]]:
     """The modules to load, dependencies first, decompressed; a module in a
     later directory (built out of tree) is found as well as Debian's."""
     index = {}
@@ -146,7 +217,7 @@ def collect_modules(moddirs: list[Path]) -> list[tuple[str, bytes]]:
             visit(dep)
         ordered.append((key + ".ko", data))
 
-    for name in MODULES:
+    for name in names:
         visit(name)
     return ordered
 
@@ -189,12 +260,14 @@ class Cpio:
         return gzip.compress(b"".join(self.parts), compresslevel=6)
 
 
-def kernel_build_tree(kernel: str, version: str) -> Path:
-    """Debian's headers and kbuild tools for the guest kernel, and the
-    v4l2-core sources of the matching linux-source package, unpacked once
-    into the cache.  Returns the headers directory to build against."""
+def kernel_build_tree(arch: Arch, kernel: str, version: str) -> Path:
+    """Debian's headers for the guest kernel and the host's kbuild tools
+    (the same version), and the v4l2-core sources of the matching
+    linux-source package where the kernel does not ship v4l2-mem2mem.ko,
+    unpacked once into the cache.  Returns the headers directory to build
+    against."""
     abi = kernel.removeprefix("linux-image-")              # 6.12.95+deb12-amd64
-    base = abi.removesuffix("-amd64")
+    base = abi.removesuffix(f"-{arch.debian}")
     series = ".".join(base.split(".")[:2])                  # 6.12
     tree = CACHE / f"kbuild-{abi}-{version}"
     headers = tree / "usr" / "src" / f"linux-headers-{abi}"
@@ -203,14 +276,20 @@ def kernel_build_tree(kernel: str, version: str) -> Path:
     shutil.rmtree(tree, ignore_errors=True)
     debs = tree / "debs"
     debs.mkdir(parents=True)
-    run("apt-get", "download", "-q", f"linux-headers-{abi}={version}",
-        f"linux-headers-{base}-common={version}", f"linux-kbuild-{base}={version}",
-        f"linux-source-{series}={version}", cwd=debs)
+    # linux-kbuild is Multi-Arch: foreign: the host's build tools serve
+    # another architecture's headers (which name their cross compiler).
+    run("apt-get", "download", "-q", f"{arch.package(f'linux-headers-{abi}')}={version}",
+        f"linux-headers-{base}-common={version}", f"linux-kbuild-{base}={version}", cwd=debs)
     for deb in debs.glob("linux-[hk]*.deb"):
         run("dpkg-deb", "-x", str(deb), str(tree))
     # The arch Makefile includes the common one by its installed path.
     common = tree / "usr" / "src" / f"linux-headers-{base}-common"
     (headers / "Makefile").write_text(f"include {common}/Makefile\n")
+    if ships_mem2mem(headers):
+        shutil.rmtree(debs)
+        (tree / ".ready").touch()
+        return headers
+    run("apt-get", "download", "-q", f"linux-source-{series}={version}", cwd=debs)
     source = next(debs.glob("linux-source-*.deb"))
     wanted = f"linux-source-{series}/drivers/media/v4l2-core/v4l2-mem2mem.c"
     tarball = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(source)], check=True,
@@ -224,6 +303,11 @@ def kernel_build_tree(kernel: str, version: str) -> Path:
     return headers
 
 
+def ships_mem2mem(headers: Path) -> bool:
+    """Whether Debian's kernel has v4l2-mem2mem.ko (not on amd64)."""
+    return "\nCONFIG_V4L2_MEM2MEM_DEV=m\n" in (headers / ".config").read_text()
+
+
 def kbuild(headers: Path, moddir: Path, *extra: str) -> None:
     try:
         run("make", "-C", str(headers), f"M={moddir}", "-j2", *extra, "modules")
@@ -231,15 +315,21 @@ def kbuild(headers: Path, moddir: Path, *extra: str) -> None:
         sys.exit(f"build_guest: building {moddir.name} failed:\n{e.stdout}\n{e.stderr}")
 
 
-def build_video_modules(kernel: str, version: str, tmp: Path) -> Path:
-    """v4l2-mem2mem.ko and virtio-video.ko built for the guest kernel, in
-    the directory returned."""
-    headers = kernel_build_tree(kernel, version)
-    m2m = tmp / "v4l2-mem2mem"
-    m2m.mkdir()
-    shutil.copy(headers.parents[2] / "v4l2-mem2mem.c", m2m)
-    (m2m / "Kbuild").write_text("obj-m := v4l2-mem2mem.o\n")
-    kbuild(headers, m2m)
+def build_video_modules(arch: Arch, kernel: str, version: str, tmp: Path) -> Path:
+    """virtio-video.ko, and v4l2-mem2mem.ko where Debian's kernel lacks it,
+    built for the guest kernel, in the directory returned."""
+    headers = kernel_build_tree(arch, kernel, version)
+    out = tmp / "video-modules"
+    out.mkdir()
+    extra = []
+    if not ships_mem2mem(headers):
+        m2m = tmp / "v4l2-mem2mem"
+        m2m.mkdir()
+        shutil.copy(headers.parents[2] / "v4l2-mem2mem.c", m2m)
+        (m2m / "Kbuild").write_text("obj-m := v4l2-mem2mem.o\n")
+        kbuild(headers, m2m)
+        shutil.copy(m2m / "v4l2-mem2mem.ko", out)
+        extra.append(f"KBUILD_EXTRA_SYMBOLS={m2m / 'Module.symvers'}")
     # The driver exactly as published, our compatibility patch on top, and
     # our own Kbuild (the published one points into an Android kernel tree).
     src = tmp / "virtio-video"
@@ -253,11 +343,8 @@ def build_video_modules(kernel: str, version: str, tmp: Path) -> Path:
         "obj-m := virtio-video.o\n"
         f"virtio-video-objs := {objects}\n"
         f"ccflags-y := -I{VIDEO_DRIVER / 'include' / 'uapi'} -I$(src)\n")
-    kbuild(headers, vv, f"KBUILD_EXTRA_SYMBOLS={m2m / 'Module.symvers'}")
-    out = tmp / "video-modules"
-    out.mkdir()
-    for ko in (m2m / "v4l2-mem2mem.ko", vv / "virtio-video.ko"):
-        shutil.copy(ko, out)
+    kbuild(headers, vv, *extra)
+    shutil.copy(vv / "virtio-video.ko", out)
     return out
 
 
@@ -280,18 +367,42 @@ def gst_plugins() -> list[str]:
     return present
 
 
-def build_decode_client(tmp: Path) -> bytes:
+def target_libs(root: Path, arch: Arch, binaries: list[Path]) -> dict[str, Path]:
+    """The dynamic loader and every shared library ``binaries`` need, found
+    in the unpacked packages ``root``, by guest path (readelf reads any
+    architecture's ELF)."""
+    libdirs = [f"lib/{arch.triplet}", f"usr/lib/{arch.triplet}"]
+    files: dict[str, Path] = {}
+    todo = list(binaries)
+    while todo:
+        elf = run("readelf", "-d", "-l", str(todo.pop()))
+        interp = re.search(r"program interpreter: (/\S+)\]", elf)
+        if interp:
+            files[interp.group(1)] = root / interp.group(1).lstrip("/")
+        for lib in re.findall(r"\(NEEDED\)\s+Shared library: \[(\S+)\]", elf):
+            found = [d for d in libdirs if (root / d / lib).exists()]
+            if not found:
+                sys.exit(f"build_guest: {lib} is in no package of the {arch.debian} guest")
+            guest_path = f"/{found[0]}/{lib}"
+            if guest_path not in files:
+                files[guest_path] = root / found[0] / lib
+                todo.append(files[guest_path])
+    return files
+
+
+def build_decode_client(arch: Arch, tmp: Path) -> bytes:
     out = tmp / "pyemb-v4l2-decode"
-    run("gcc", "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(out),
+    run(f"{arch.cross}gcc", "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(out),
         str(DECODE_CLIENT))
     return out.read_bytes()
 
 
-def build(out: Path) -> None:
-    kernel, kernel_version = kernel_package()
+def build(out: Path, arch: Arch) -> None:
+    kernel, kernel_version = kernel_package(arch)
     with tempfile.TemporaryDirectory(prefix="pyemb-guest-") as tmp_s:
         tmp = Path(tmp_s)
-        run("apt-get", "download", "-q", f"{kernel}={kernel_version}", *PACKAGES, cwd=tmp)
+        run("apt-get", "download", "-q", f"{arch.package(kernel)}={kernel_version}",
+            *arch.packages, cwd=tmp)
         root = tmp / "root"
         for deb in sorted(tmp.glob("*.deb")):
             run("dpkg-deb", "-x", str(deb), str(root))
@@ -299,17 +410,22 @@ def build(out: Path) -> None:
         shutil.copy(root / "boot" / f"vmlinuz-{abi}", out / "vmlinuz")
         cpio = Cpio()
         for d in ("bin", "dev", "proc", "sys", "tmp", "usr", "usr/bin", "usr/share",
-                  "lib", "lib64", "lib/x86_64-linux-gnu", "lib/modules"):
+                  "lib", "lib64", f"lib/{arch.triplet}", "lib/modules"):
             cpio.dir(d)
-        cpio.add("init", INIT.encode(), 0o100755)
+        cpio.add("init", INIT.format(triplet=arch.triplet).encode(), 0o100755)
         cpio.add("bin/busybox", (root / "bin/busybox").read_bytes(), 0o100755)
         cpio.add("bin/sh", link="busybox")
         for tool in TOOLS:
             cpio.add(f"usr/bin/{tool}", (root / "usr/bin" / tool).read_bytes(), 0o100755)
-        libasound = root / "usr/lib/x86_64-linux-gnu/libasound.so.2"
-        cpio.add("lib/x86_64-linux-gnu/libasound.so.2", libasound.resolve().read_bytes())
-        for lib in SYSTEM_LIBS:
-            cpio.add(lib.lstrip("/"), Path(lib).resolve().read_bytes(), 0o100755)
+        if arch.native:
+            libasound = root / f"usr/lib/{arch.triplet}/libasound.so.2"
+            cpio.add(f"lib/{arch.triplet}/libasound.so.2", libasound.resolve().read_bytes())
+            for lib in SYSTEM_LIBS:
+                cpio.add(lib.lstrip("/"), Path(lib).resolve().read_bytes(), 0o100755)
+        else:
+            tools = [root / "usr/bin" / tool for tool in TOOLS]
+            for guest_path, path in target_libs(root, arch, tools).items():
+                cpio.add(guest_path, path.resolve().read_bytes(), 0o100755)
         share = root / "usr/share/alsa"
         cpio.dir("usr/share/alsa")
         for path in sorted(share.rglob("*")):
@@ -320,26 +436,36 @@ def build(out: Path) -> None:
                 cpio.dir(rel)
             else:
                 cpio.add(rel, path.read_bytes())
-        for guest_path, host_path in host_files([*HOST_PROGRAMS, *gst_plugins()]).items():
-            if guest_path.lstrip("/") not in (lib.lstrip("/") for lib in SYSTEM_LIBS):
-                cpio.add(guest_path, host_path.resolve().read_bytes(), 0o100755)
-        cpio.add("usr/bin/pyemb-v4l2-decode", build_decode_client(tmp), 0o100755)
-        video_modules = build_video_modules(kernel, kernel_version, tmp)
-        modules = collect_modules([root / "lib/modules" / abi, video_modules])
+        if arch.native:
+            programs = [*HOST_PROGRAMS, *gst_plugins()]
+            for guest_path, host_path in host_files(programs).items():
+                if guest_path.lstrip("/") not in (lib.lstrip("/") for lib in SYSTEM_LIBS):
+                    cpio.add(guest_path, host_path.resolve().read_bytes(), 0o100755)
+        cpio.add("usr/bin/pyemb-v4l2-decode", build_decode_client(arch, tmp), 0o100755)
+        video_modules = build_video_modules(arch, kernel, kernel_version, tmp)
+        modules = collect_modules([root / "lib/modules" / abi, video_modules], arch.modules)
         for name, data in modules:
             cpio.add(f"lib/modules/{name}", data)
         cpio.add("lib/modules/order", "\n".join(n for n, _ in modules).encode() + b"\n")
         (out / "initrd.img").write_bytes(cpio.finish())
         (out / "VERSIONS").write_text(
             f"{kernel} {kernel_version}\n"
-            + "".join(f"{p} {candidate(p)}\n" for p in PACKAGES + HOST_PACKAGES)
+            + "".join(f"{p} {v}\n" for p, v in candidates(guest_packages(arch)).items())
             + "modules: " + " ".join(n for n, _ in modules) + "\n")
 
 
+def guest_packages(arch: Arch) -> tuple[str, ...]:
+    """Every package whose files end up in the guest."""
+    return tuple(arch.packages + (HOST_PACKAGES if arch.native else []))
+
+
 def main() -> None:
-    kernel, kernel_version = kernel_package()
+    parser = argparse.ArgumentParser(description="Builds the real-guest tier's guest.")
+    parser.add_argument("--arch", choices=ARCHES, default="amd64")
+    arch = ARCHES[parser.parse_args().arch]
+    kernel, kernel_version = kernel_package(arch)
     key_src = Path(__file__).read_bytes() + f"{kernel}={kernel_version}".encode()
-    key_src += "".join(f"{p}={candidate(p)}" for p in PACKAGES + HOST_PACKAGES).encode()
+    key_src += "".join(f"{p}={v}" for p, v in candidates(guest_packages(arch)).items()).encode()
     for path in sorted([*VIDEO_DRIVER.rglob("*"), DRIVER_PATCH, DECODE_CLIENT]):
         if path.is_file():
             key_src += path.read_bytes()
@@ -348,12 +474,12 @@ def main() -> None:
     if not (out / "initrd.img").exists():
         staging = Path(tempfile.mkdtemp(prefix="guest-", dir=CACHE))
         try:
-            build(staging)
+            build(staging, arch)
             staging.rename(out)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         print(f"build_guest: built {out}")
-    link = REPO / "build" / "guest"
+    link = REPO / "build" / arch.link
     link.parent.mkdir(exist_ok=True)
     if link.is_symlink() or link.exists():
         link.unlink()
