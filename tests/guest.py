@@ -1,4 +1,5 @@
-"""Boot the small Linux guest (ci/build_guest.py) under TCG and run a script.
+"""Boot the small Linux guest (ci/build_guest.py) under TCG and run a script:
+x86_64 on ``-machine pc``, or arm64 on ``qemu-system-aarch64 -machine virt``.
 
 The script and any files it needs go into a second cpio archive appended
 to the base initramfs (Linux unpacks concatenated archives on top of each
@@ -11,37 +12,64 @@ import importlib.util
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.hostdriver.machine import QEMU_DIR
+
 REPO = Path(__file__).resolve().parents[1]
-QEMU = Path(os.environ.get("PYEMB_QEMU_DIR", REPO / "build" / "qemu")) / "qemu-system-x86_64"
 DONE = re.compile(r"PYEMB-GUEST-DONE rc=(\d+)")
 
 
+@dataclass(frozen=True)
+class Machine:
+    """How a guest architecture boots: its emulator, board and console."""
+
+    qemu: str
+    args: tuple[str, ...]
+    console: str
+    guest: str          # build/<guest>, made by ci/build_guest.py --arch <debian>
+    debian: str
+
+
+MACHINES = {
+    "x86_64": Machine("qemu-system-x86_64", ("-machine", "pc"), "ttyS0", "guest", "amd64"),
+    # virt's UART is a PL011; its virtio-mmio transports take the *-py devices,
+    # as virtio 1.x devices (QEMU's default there is legacy, which virtio_snd refuses).
+    "aarch64": Machine("qemu-system-aarch64", ("-machine", "virt", "-cpu", "max", "-global",
+                                               "virtio-mmio.force-legacy=false"),
+                       "ttyAMA0", "guest-arm64", "arm64"),
+}
+
+
 def _build_guest_module():
+    if "build_guest" in sys.modules:
+        return sys.modules["build_guest"]
     spec = importlib.util.spec_from_file_location("build_guest", REPO / "ci" / "build_guest.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
+    sys.modules["build_guest"] = module       # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
 
-def guest_dir() -> Path:
-    path = REPO / "build" / "guest"
+def guest_dir(arch: str = "x86_64") -> Path:
+    machine = MACHINES[arch]
+    path = REPO / "build" / machine.guest
     if not (path / "initrd.img").exists():
-        raise FileNotFoundError(f"{path} is missing: run `make build` "
-                                "(or /usr/bin/python3.11 ci/build_guest.py)")
+        raise FileNotFoundError(f"{path} is missing: run `make build` (or /usr/bin/python3.11 "
+                                f"ci/build_guest.py --arch {machine.debian})")
     return path
 
 
-def make_initrd(files: dict[str, bytes], out: Path) -> Path:
+def make_initrd(files: dict[str, bytes], out: Path, arch: str = "x86_64") -> Path:
     """The base initramfs plus ``files`` (``/test.sh`` executable)."""
     cpio = _build_guest_module().Cpio()
     for name, data in files.items():
         cpio.add(name, data, 0o100755 if name.endswith(".sh") else 0o100644)
-    out.write_bytes((guest_dir() / "initrd.img").read_bytes() + cpio.finish())
+    out.write_bytes((guest_dir(arch) / "initrd.img").read_bytes() + cpio.finish())
     return out
 
 
@@ -60,15 +88,17 @@ class GuestResult:
 
 def boot_guest(device_args: list[str], script: str, files: dict[str, bytes] | None = None,
                timeout: float = 120, env: dict[str, str] | None = None,
-               memory: str = "256M") -> GuestResult:
-    """Boot, run ``script`` as /test.sh, return the console and its exit status."""
+               memory: str = "256M", arch: str = "x86_64") -> GuestResult:
+    """Boot, run ``script`` as /test.sh, return the console and its exit status.
+    ``arch`` is a key of ``MACHINES``: ``x86_64`` or ``aarch64``."""
+    machine = MACHINES[arch]
     with tempfile.TemporaryDirectory(prefix="pyemb-guest-") as tmp:
         initrd = make_initrd({"test.sh": ("#!/bin/sh\n" + script).encode(), **(files or {})},
-                             Path(tmp) / "initrd.img")
-        cmd = [str(QEMU), "-machine", "pc", "-accel", "tcg", "-m", memory,
+                             Path(tmp) / "initrd.img", arch)
+        cmd = [str(QEMU_DIR / machine.qemu), *machine.args, "-accel", "tcg", "-m", memory,
                "-display", "none", "-nodefaults", "-no-reboot", "-serial", "stdio",
-               "-kernel", str(guest_dir() / "vmlinuz"), "-initrd", str(initrd),
-               "-append", "console=ttyS0 quiet panic=-1", *device_args]
+               "-kernel", str(guest_dir(arch) / "vmlinuz"), "-initrd", str(initrd),
+               "-append", f"console={machine.console} quiet panic=-1", *device_args]
         full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,

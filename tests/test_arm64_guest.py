@@ -1,0 +1,91 @@
+"""Real-guest tier on arm64, the seed's platform: Debian's arm64 6.12 kernel
+on ``qemu-system-aarch64 -machine virt`` under TCG, with the ChromeOS
+virtio-video driver cross-built for it (ci/build_guest.py --arch arm64).
+
+Two boots, each with both devices, one on each transport, swapped between
+the boots: aplay reaches the WAV backend bit-exact and the crosvm vector
+decodes bit-exact through the driver and the project's client."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from pyemb.snd.pcm import SAMPLE_FORMATS
+from pyemb.snd_backend import read_wav
+from tests.guest import GuestResult, boot_guest
+from tests.streams import frames_file
+from tests.test_snd_guest import PLAYS, assert_prefix_then_silence, wav
+from tests.test_video_guest import DECODE, crosvm_crcs, crosvm_records, decoded
+
+# boot: (sound's transport, video's transport); "-py" is the virtio-mmio form.
+BOOTS = {"snd-pci-video-mmio": ("pci", "mmio"), "snd-mmio-video-pci": ("mmio", "pci")}
+DEVICE = {"pci": "-py-pci", "mmio": "-py"}
+
+SCRIPT = f"""
+i=0; while [ ! -e /dev/video0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+echo "== transports"
+echo "sound $(readlink -f /sys/class/sound/card0/device)"
+echo "video $(readlink -f /sys/class/video4linux/video0/device)"
+for name in {' '.join(PLAYS)}; do
+    echo "== play $name"; aplay -q -D hw:0,0,0 /$name.wav; echo "aplay rc=$?"
+done
+echo "== crosvm"; {DECODE} /crosvm.pyf; echo "client rc=$?"
+echo "== dmesg"
+dmesg | grep -i -E "virtio|snd|video|warn|bug|oops" | grep -v -E "^\\[ *0\\.0"
+"""
+
+
+@pytest.fixture(scope="module", params=BOOTS)
+def boot(request, tmp_path_factory) -> tuple[str, GuestResult, Path, dict[str, bytes]]:
+    snd, video = BOOTS[request.param]
+    tmp = tmp_path_factory.mktemp(request.param)
+    files, signals = {}, {}
+    for i, (name, (fmt, ch, rate, _)) in enumerate(PLAYS.items()):
+        files[f"{name}.wav"], signals[name] = wav(fmt, ch, rate, rate // 4, seed=i)
+    files["crosvm.pyf"] = frames_file("h264", 320, 240, list(crosvm_records()))
+    config = tmp / "snd.toml"
+    config.write_text(f"""
+[[snd.streams]]
+direction = "output"
+formats = ["U8", "S16", "S32"]
+rates = [44100, 48000]
+backend = {{ name = "wav", path = "{tmp}/play-{{n}}.wav" }}
+""")
+    result = boot_guest(["-device", f"virtio-snd{DEVICE[snd]},config={config}",
+                         "-device", f"virtio-video{DEVICE[video]}"],
+                        SCRIPT, files, timeout=600, memory="1G", arch="aarch64")
+    return request.param, result, tmp, signals
+
+
+def test_guest_ran_to_the_end(boot):
+    _, result, _, _ = boot
+    assert result.rc == 0, result.console[-4000:]
+    assert not re.search(r"warn|bug|oops|error", result.section("dmesg"), re.I), \
+        result.section("dmesg")
+
+
+def test_each_device_is_on_its_transport(boot):
+    name, result, _, _ = boot
+    parents = dict(re.findall(r"^(sound|video) (\S+)$", result.section("transports"), re.M))
+    for device, transport in zip(("sound", "video"), BOOTS[name], strict=True):
+        # virt's PCI host bridge is pcie@10000000; its mmio transports are a000000.virtio_mmio.
+        marker = "/pci0000:00/" if transport == "pci" else ".virtio_mmio/"
+        assert marker in parents[device], parents
+
+
+@pytest.mark.parametrize("n,play", list(enumerate(PLAYS, start=1)))
+def test_aplay_reaches_the_host_bit_exact(boot, n, play):
+    _, result, tmp, signals = boot
+    assert "aplay rc=0" in result.section(f"play {play}")
+    fmt, channels, rate, _ = PLAYS[play]
+    wav_file = read_wav(tmp / f"play-{n}.wav")
+    assert (wav_file.channels, wav_file.rate) == (channels, rate)
+    assert_prefix_then_silence(wav_file.data, signals[play], SAMPLE_FORMATS[fmt].silence)
+
+
+def test_crosvm_vector_decodes_bit_exact(boot):
+    _, result, _, _ = boot
+    assert [crc for _, crc in decoded(result, "crosvm")] == crosvm_crcs()
