@@ -21,7 +21,6 @@ from pathlib import Path
 
 from demo import guest_sound, guest_video
 from demo.guest_sound import GuestSound
-from tests import guest as guest_boot
 from tests.guest import GuestResult, boot_guest
 from tests.streams import frames_file, split_frames
 
@@ -86,9 +85,6 @@ def run(out_dir: Path) -> list[Path]:
             except BaseException as e:  # noqa: BLE001 - reported below, per guest
                 results[g] = e
 
-        # tests.guest loads ci/build_guest.py on first use: once, here, so that
-        # the two threads do not both find it half loaded.
-        guest_boot._build_guest_module()
         t1 = time.monotonic()
         threads = [threading.Thread(target=one, args=(g,)) for g in GUESTS]
         for t in threads:

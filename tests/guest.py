@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,15 +45,22 @@ MACHINES = {
 }
 
 
+_load_lock = threading.Lock()
+
+
 def _build_guest_module():
-    if "build_guest" in sys.modules:
-        return sys.modules["build_guest"]
-    spec = importlib.util.spec_from_file_location("build_guest", REPO / "ci" / "build_guest.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["build_guest"] = module       # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    # Under a lock: guests boot from several threads (the demo), and the
+    # module is in sys.modules before it has finished loading.
+    with _load_lock:
+        if "build_guest" in sys.modules:
+            return sys.modules["build_guest"]
+        spec = importlib.util.spec_from_file_location("build_guest",
+                                                      REPO / "ci" / "build_guest.py")
+        assert spec and spec.loader
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["build_guest"] = module       # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        return module
 
 
 def guest_dir(arch: str = "x86_64") -> Path:
