@@ -60,7 +60,9 @@ ARCH_ALL = {"libasound2-data"}                  # one package for every architec
 TOOLS = ["aplay", "arecord", "amixer"]
 SYSTEM_LIBS = ["/lib64/ld-linux-x86-64.so.2", "/lib/x86_64-linux-gnu/libc.so.6",
                "/lib/x86_64-linux-gnu/libm.so.6"]
-SHARED = REPO.parent / "shared"
+# The team's shared/ folder (the guest drivers): $PYEMB_SHARED, or beside the
+# checkout, as tests/streams.py finds it.
+SHARED = Path(os.environ.get("PYEMB_SHARED") or REPO.parent / "shared")
 VIDEO_DRIVER = SHARED / "guest-drivers" / "virtio-video"
 DRIVER_PATCH = REPO / "guest" / "patches" / "virtio-video-linux-6.12.patch"
 DECODE_CLIENT = REPO / "guest" / "v4l2_decode.c"
