@@ -3,7 +3,9 @@ the reference way (PyAV directly) for comparison."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import struct
 import zlib
 from fractions import Fraction
 from functools import cache
@@ -108,6 +110,16 @@ def reference(codec: str, chunks: list[bytes], fmt: int = p.Format.NV12) -> list
     return crcs
 
 
+def reference_md5(codec: str, chunks: list[bytes], fmt: int = p.Format.NV12) -> list[str]:
+    """MD5 of each picture's visible bytes, decoding ``chunks`` with PyAV
+    directly: what a guest with busybox md5sum (and no CRC-32 tool) can
+    compare against."""
+    ctx = av.CodecContext.create(CODECS[codec][2], "r")
+    packets = [pkt for chunk in [*chunks, None] for pkt in ctx.parse(chunk)]
+    return [hashlib.md5(visible(f, fmt)).hexdigest()
+            for pkt in [*packets, None] for f in ctx.decode(pkt)]
+
+
 # V4L2 fourcc of each coded format, as the guest's OUTPUT queue names it.
 FOURCCS = {"h264": "H264", "hevc": "HEVC", "vp8": "VP80", "vp9": "VP90",
            "mpeg2": "MPG2", "mpeg4": "MPG4"}
@@ -127,3 +139,11 @@ def frames_file(codec: str, width: int, height: int, records: list[bytes]) -> by
     head = b"PYF1" + FOURCCS[codec].encode() + width.to_bytes(4, "little")
     head += height.to_bytes(4, "little")
     return head + b"".join(len(r).to_bytes(4, "little") + r for r in records)
+
+
+def ivf(codec: str, width: int, height: int, frames: list[bytes]) -> bytes:
+    """VP8 or VP9 frames in an IVF file (what GStreamer's ivfparse reads),
+    frame i stamped i at 25 fps."""
+    head = b"DKIF" + struct.pack("<HH4sHHIIII", 0, 32, FOURCCS[codec].encode(), width, height,
+                                 25, 1, len(frames), 0)
+    return head + b"".join(struct.pack("<IQ", len(f), i) + f for i, f in enumerate(frames))
