@@ -46,6 +46,11 @@ packages=(v4l-utils libv4l-0t64 libv4lconvert0t64 libjpeg62-turbo libstdc++6 lib
 
 log() { echo "build-v4l2-compliance: $*" >&2; }
 
+# One run at a time (the amd64 and arm64 guests may be built together).
+mkdir -p "$cache"
+exec 9>"$cache/.v4l2-compliance.lock"
+flock 9
+
 # 1. A private apt state that sees trixie's binary packages for both guests.
 state=$cache/apt-trixie
 debs=$cache/src/v4l-utils-trixie
