@@ -164,7 +164,7 @@ def model_alone(frames: list[bytes], poll_s: float, width: int, height: int) -> 
     try:
         while not eos:
             with stream.lock:
-                stream.params_read(p.QueueType.OUTPUT)    # the driver follows the size event
+                stream.output_set_up()    # the driver follows the size event
                 for req, res in [x for x in in_flight if x[0].done]:
                     in_flight.remove((req, res))
                     inputs.append(res)
