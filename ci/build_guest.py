@@ -71,7 +71,7 @@ DECODE_CLIENT = REPO / "guest" / "v4l2_decode.c"
 HOST_PACKAGES = ["v4l-utils", "gstreamer1.0-tools", "gstreamer1.0-plugins-good",
                  "gstreamer1.0-plugins-bad"]
 MULTIARCH = "/usr/lib/x86_64-linux-gnu"
-HOST_PROGRAMS = ["/usr/bin/v4l2-ctl", "/usr/bin/v4l2-compliance", "/usr/bin/gst-launch-1.0",
+HOST_PROGRAMS = ["/usr/bin/v4l2-ctl", "/usr/bin/gst-launch-1.0",
                  "/usr/bin/gst-inspect-1.0",
                  f"{MULTIARCH}/gstreamer1.0/gstreamer-1.0/gst-plugin-scanner"]
 GST_PLUGINS = ["coreelements", "video4linux2", "videoparsersbad", "ivfparse", "debug",
@@ -399,6 +399,24 @@ def build_decode_client(arch: Arch, tmp: Path) -> bytes:
     return out.read_bytes()
 
 
+def v4l2_compliance(arch: Arch) -> Path:
+    """trixie's v4l2-compliance with its own loader and libraries (bookworm's
+    1.22 fails checks that newer v4l-utils fixed): a directory, cached."""
+    script = REPO / "ci" / "build_v4l2_compliance.sh"
+    return Path(run("bash", str(script), arch.debian).splitlines()[-1]).parent
+
+
+def add_v4l2_compliance(cpio: Cpio, arch: Arch) -> None:
+    """At /opt/v4l2-compliance, with /usr/bin/v4l2-compliance its wrapper."""
+    bundle = v4l2_compliance(arch)
+    for path in sorted(bundle.rglob("*")):
+        if path.is_file() and path.name != ".complete":
+            executable = path.name == "v4l2-compliance" or path.name.startswith("ld-")
+            cpio.add(f"opt/v4l2-compliance/{path.relative_to(bundle)}", path.read_bytes(),
+                     0o100755 if executable else 0o100644)
+    cpio.add("usr/bin/v4l2-compliance", link="/opt/v4l2-compliance/v4l2-compliance")
+
+
 def build(out: Path, arch: Arch) -> None:
     kernel, kernel_version = kernel_package(arch)
     with tempfile.TemporaryDirectory(prefix="pyemb-guest-") as tmp_s:
@@ -444,6 +462,7 @@ def build(out: Path, arch: Arch) -> None:
                 if guest_path.lstrip("/") not in (lib.lstrip("/") for lib in SYSTEM_LIBS):
                     cpio.add(guest_path, host_path.resolve().read_bytes(), 0o100755)
         cpio.add("usr/bin/pyemb-v4l2-decode", build_decode_client(arch, tmp), 0o100755)
+        add_v4l2_compliance(cpio, arch)
         video_modules = build_video_modules(arch, kernel, kernel_version, tmp)
         modules = collect_modules([root / "lib/modules" / abi, video_modules], arch.modules)
         for name, data in modules:
@@ -453,7 +472,8 @@ def build(out: Path, arch: Arch) -> None:
         (out / "VERSIONS").write_text(
             f"{kernel} {kernel_version}\n"
             + "".join(f"{p} {v}\n" for p, v in candidates(guest_packages(arch)).items())
-            + "modules: " + " ".join(n for n, _ in modules) + "\n")
+            + "modules: " + " ".join(n for n, _ in modules) + "\n"
+            + (v4l2_compliance(arch) / "VERSIONS").read_text())
 
 
 def guest_packages(arch: Arch) -> tuple[str, ...]:
@@ -471,6 +491,7 @@ def main() -> None:
     for path in sorted([*VIDEO_DRIVER.rglob("*"), DRIVER_PATCH, DECODE_CLIENT]):
         if path.is_file():
             key_src += path.read_bytes()
+    key_src += v4l2_compliance(arch).name.encode()        # its version and script hash
     key = hashlib.sha256(key_src).hexdigest()[:12]
     out = CACHE / f"guest-{key}"
     if not (out / "initrd.img").exists():

@@ -104,8 +104,11 @@ FFMPEG_DECODERS = {
 }
 RAW_OUTPUTS = (Format.NV12, Format.YUV420)
 
-# Sizes FFmpeg's software decoders handle; 2-pixel steps for 4:2:0.
-FRAME = FormatFrame(width=Range(16, 4096, 2), height=Range(16, 4096, 2),
+# Sizes FFmpeg's software decoders handle, any width and height in between
+# (odd sizes decode too: the visible rectangle of an aligned coded size).  The
+# ChromeOS driver reports a range as V4L2_FRMSIZE_TYPE_CONTINUOUS, which
+# requires steps of 1.
+FRAME = FormatFrame(width=Range(16, 4096, 1), height=Range(16, 4096, 1),
                     frame_rates=(Range(1, 120, 1),))
 
 

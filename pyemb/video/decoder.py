@@ -57,7 +57,11 @@ from pyemb.video.resources import Resource
 from pyemb.video_backend import DecodeError, DecodeSession, Picture
 
 INPUT_BUFFER_SIZE = 1 << 20          # default sizeimage of bitstream buffers
-OUTPUT_MIN_BUFFERS = 8               # reference frames + reorder depth, with slack
+# The CAPTURE buffers a client must have: one.  The engine keeps its own
+# reference pictures, so none is held back as a reference; and the ChromeOS
+# driver makes this vb2's count of buffers queued before streaming starts, so
+# a larger value stalls a client that queues fewer (v4l2-compliance queues one).
+OUTPUT_MIN_BUFFERS = 1
 MAX_BUFFERS = 32
 ALIGN = 16                           # coded size: macroblock alignment
 # What both queues report before the stream or the client names a size:

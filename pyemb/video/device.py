@@ -330,7 +330,7 @@ class VideoDevice(DeviceModel):
             width, height = new.frame_width, new.frame_height
             if not self._frame_size_supported(cur.format, width, height):
                 raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER, f"frame size {width}x{height}")
-            stream.coded_size_hint(width + width % 2, height + height % 2)
+            stream.coded_size_hint(width, height)
 
     def _frame_size_supported(self, coded: int, width: int, height: int) -> bool:
         for desc in self.backend.capabilities(p.QueueType.INPUT):
