@@ -13,11 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from pyemb.snd.pcm import SAMPLE_FORMATS
-from pyemb.snd_backend import read_wav
 from tests.guest import GuestResult, boot_guest
 from tests.streams import frames_file
-from tests.test_snd_guest import PLAYS, assert_prefix_then_silence, wav
+from tests.test_snd_guest import PLAYS, assert_played_bit_exact, wav
 from tests.test_video_guest import DECODE, crosvm_crcs, crosvm_records, decoded
 
 # boot: (sound's transport, video's transport); "-py" is the virtio-mmio form.
@@ -79,11 +77,7 @@ def test_each_device_is_on_its_transport(boot):
 @pytest.mark.parametrize("n,play", list(enumerate(PLAYS, start=1)))
 def test_aplay_reaches_the_host_bit_exact(boot, n, play):
     _, result, tmp, signals = boot
-    assert "aplay rc=0" in result.section(f"play {play}")
-    fmt, channels, rate, _ = PLAYS[play]
-    wav_file = read_wav(tmp / f"play-{n}.wav")
-    assert (wav_file.channels, wav_file.rate) == (channels, rate)
-    assert_prefix_then_silence(wav_file.data, signals[play], SAMPLE_FORMATS[fmt].silence)
+    assert_played_bit_exact(result, tmp, signals, n, play)
 
 
 def test_crosvm_vector_decodes_bit_exact(boot):

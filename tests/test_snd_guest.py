@@ -124,14 +124,20 @@ def test_guest_finds_the_card_and_its_controls(run):
     assert "error" not in result.section("dmesg").lower(), result.section("dmesg")
 
 
-@pytest.mark.parametrize("n,name", list(enumerate(PLAYS, start=1)))
-def test_aplay_reaches_the_host_bit_exact(run, n, name):
-    result, tmp, signals, _ = run
+def assert_played_bit_exact(result: GuestResult, tmp: Path, signals: dict[str, bytes],
+                            n: int, name: str) -> None:
+    """The guest's ``play <name>`` section reached the WAV backend's n-th file."""
     assert "aplay rc=0" in result.section(f"play {name}")
     fmt, channels, rate, _ = PLAYS[name]
     wav_file = read_wav(tmp / f"play-{n}.wav")
     assert (wav_file.channels, wav_file.rate) == (channels, rate)
     assert_prefix_then_silence(wav_file.data, signals[name], SAMPLE_FORMATS[fmt].silence)
+
+
+@pytest.mark.parametrize("n,name", list(enumerate(PLAYS, start=1)))
+def test_aplay_reaches_the_host_bit_exact(run, n, name):
+    result, tmp, signals, _ = run
+    assert_played_bit_exact(result, tmp, signals, n, name)
 
 
 def test_amixer_volume_scales_the_samples(run):
