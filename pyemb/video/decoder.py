@@ -10,7 +10,7 @@ completed from the worker.
 State machine (``StreamState``; every change goes through ``_to``)::
 
     AWAITING_HEADERS  -> RESOLUTION_CHANGE   worker: the size is known
-    RESOLUTION_CHANGE -> DECODING            main loop: the driver read the OUTPUT params
+    RESOLUTION_CHANGE -> DECODING            main loop: the driver set the OUTPUT queue up
     DECODING          -> RESOLUTION_CHANGE   worker: a picture of another size
     any of those      -> FAILED              worker: an engine bug killed it
     any but ABANDONED -> DESTROYED           STREAM_DESTROY
@@ -18,7 +18,8 @@ State machine (``StreamState``; every change goes through ``_to``)::
 
 Pictures go out in decode-output order and only in DECODING; in
 RESOLUTION_CHANGE the worker has updated the OUTPUT params and sent
-DECODER_RESOLUTION_CHANGED, and pictures wait until the driver has read them.
+DECODER_RESOLUTION_CHANGED, and pictures wait until the driver has set the
+OUTPUT queue up for them (``output_set_up``).
 STREAM_DRAIN and QUEUE_CLEAR(INPUT) are not states: they act in order with
 the bitstream, so they are entries of the input queue (``DRAIN``: flush the
 decoder, then an ``EOS`` entry in the picture queue returns an empty EOS
