@@ -16,7 +16,13 @@ import pytest
 from tests.guest import GuestResult, boot_guest
 from tests.streams import frames_file
 from tests.test_snd_guest import PLAYS, assert_played_bit_exact, wav
-from tests.test_video_guest import DECODE, crosvm_crcs, crosvm_records, decoded
+from tests.test_video_guest import (
+    DECODE,
+    assert_only_driver_failures,
+    crosvm_crcs,
+    crosvm_records,
+    decoded,
+)
 
 # boot: (sound's transport, video's transport); "-py" is the virtio-mmio form.
 BOOTS = {"snd-pci-video-mmio": ("pci", "mmio"), "snd-mmio-video-pci": ("mmio", "pci")}
@@ -31,6 +37,8 @@ for name in {' '.join(PLAYS)}; do
     echo "== play $name"; aplay -q -D hw:0,0,0 /$name.wav; echo "aplay rc=$?"
 done
 echo "== crosvm"; {DECODE} /crosvm.pyf; echo "client rc=$?"
+echo "== compliance"
+v4l2-compliance -d /dev/video0 2>&1 | grep -E "fail:|^Total"
 echo "== dmesg"
 dmesg | grep -i -E "virtio|snd|video|warn|bug|oops" | grep -v -E "^\\[ *0\\.0"
 """
@@ -78,6 +86,11 @@ def test_each_device_is_on_its_transport(boot):
 def test_aplay_reaches_the_host_bit_exact(boot, n, play):
     _, result, tmp, signals = boot
     assert_played_bit_exact(result, tmp, signals, n, play)
+
+
+def test_v4l2_compliance_fails_only_where_the_driver_does(boot):
+    _, result, _, _ = boot
+    assert_only_driver_failures(result.section("compliance"))
 
 
 def test_crosvm_vector_decodes_bit_exact(boot):
