@@ -488,7 +488,9 @@ def main() -> None:
     kernel, kernel_version = kernel_package(arch)
     key_src = Path(__file__).read_bytes() + f"{kernel}={kernel_version}".encode()
     key_src += "".join(f"{p}={v}" for p, v in candidates(guest_packages(arch)).items()).encode()
-    for path in sorted([*VIDEO_DRIVER.rglob("*"), DRIVER_PATCH, DECODE_CLIENT]):
+    # In an order that does not depend on where the checkout is, so that
+    # every checkout of the same sources shares one cached guest.
+    for path in [*sorted(VIDEO_DRIVER.rglob("*")), DRIVER_PATCH, DECODE_CLIENT]:
         if path.is_file():
             key_src += path.read_bytes()
     key_src += v4l2_compliance(arch).name.encode()        # its version and script hash
