@@ -43,13 +43,8 @@ from pyemb.video.resources import Resource
 from pyemb.video_backend import PyAVSession
 from tests.fakes import FakeChunk, FakeRequest
 from tests.hostdriver import Machine
-from tests.streams import encode
+from tests.streams import encode, split_frames
 from tests.video_client import StreamRun, VideoClient
-
-
-def frames_of(data: bytes) -> list[bytes]:
-    ctx = av.CodecContext.create("h264", "r")
-    return [bytes(pkt) for pkt in [*ctx.parse(data), *ctx.parse(None)] if pkt.size]
 
 
 @dataclass
@@ -238,7 +233,7 @@ def ffmpeg_cli(data: bytes) -> float | None:
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True)
         elapsed = time.perf_counter() - t0
-    return len(frames_of(data)) / elapsed
+    return len(split_frames(data)) / elapsed
 
 
 def main() -> None:
@@ -261,7 +256,7 @@ def main() -> None:
         for (width, height), noise in itertools.product(((1280, 720), (1920, 1080)), (0, 12)):
             data = b"".join(d for d, _ in encode("h264", width, height, args.frames,
                                                  noise=noise))
-            frames = frames_of(data)
+            frames = split_frames(data)
             runs: dict[str, list[Timing]] = {"direct": [], "nv12": [], "device": [],
                                              "model": []}
             cli_fps: list[float] = []

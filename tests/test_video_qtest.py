@@ -12,19 +12,10 @@ import pytest
 from pyemb.video import protocol as p
 from tests.conftest import start
 from tests.hostdriver import Machine
-from tests.streams import CODECS, encode, reference, shared_dir
+from tests.streams import CODECS, encode, reference, shared_dir, split_frames
 from tests.video_client import StreamRun, VideoClient
 
 CROSVM = shared_dir() / "vectors" / "crosvm-test-25fps"
-
-
-def frame_chunks(data: bytes, codec: str = "h264") -> list[bytes]:
-    """The stream cut at frame boundaries (what the ChromeOS driver sends)."""
-    import av
-
-    ctx = av.CodecContext.create(codec, "r")
-    packets = [bytes(pkt) for pkt in ctx.parse(data)] + [bytes(pkt) for pkt in ctx.parse(None)]
-    return [pkt for pkt in packets if pkt]
 
 
 @pytest.fixture
@@ -41,7 +32,7 @@ def video(transport):
 def test_crosvm_vector_all_250_pictures_match(video):
     data = (CROSVM / "test-25fps.h264").read_bytes()
     expected = [int(c, 16) for c in (CROSVM / "test-25fps.crc").read_text().split()]
-    chunks = [(chunk, 1000 * (i + 1)) for i, chunk in enumerate(frame_chunks(data))]
+    chunks = [(chunk, 1000 * (i + 1)) for i, chunk in enumerate(split_frames(data))]
     result = video.decode(1, p.Format.H264, chunks)
     assert result.drain_status == p.Resp.OK_NODATA
     assert [pic.crc for pic in result.pictures] == expected
@@ -149,10 +140,10 @@ def test_chunks_that_do_not_match_frame_boundaries(video):
     result = video.decode(1, p.Format.H264, chunks)
     assert [pic.crc for pic in result.pictures] == expected
     # A picture carries the timestamp of the buffer that holds its first byte.
-    starts = [chunk for chunk, _ in enumerate(frame_chunks(data))]
+    starts = [chunk for chunk, _ in enumerate(split_frames(data))]
     assert len(starts) == 250
     offsets, off = [], 0
-    for frame in frame_chunks(data):
+    for frame in split_frames(data):
         offsets.append(off // 7001 * 7001)
         off += len(frame)
     assert sorted(pic.timestamp for pic in result.pictures) == sorted(offsets)
@@ -497,7 +488,7 @@ def test_clear_output_while_pictures_are_written_answers_after_every_buffer(vide
     before its answer, none after."""
     v = video
     v.used_order = []
-    chunks = frame_chunks(b"".join(d for d, _ in encode("h264", 1920, 1080, 24))) * 4
+    chunks = split_frames(b"".join(d for d, _ in encode("h264", 1920, 1080, 24))) * 4
     feeder = Feeder(v, 1, chunks)
     for clear in range(8):
         feeder.run_until(4 * (clear + 1))
@@ -520,7 +511,7 @@ def test_clear_output_while_pictures_are_written_answers_after_every_buffer(vide
 
 def test_reset_while_a_stream_decodes_leaves_nothing_for_the_next_driver(video):
     v = video
-    chunks = frame_chunks(b"".join(d for d, _ in encode("h264", 1920, 1080, 24))) * 2
+    chunks = split_frames(b"".join(d for d, _ in encode("h264", 1920, 1080, 24))) * 2
     feeder = Feeder(v, 1, chunks)
     feeder.run_until(6)
     feeder.pump()
