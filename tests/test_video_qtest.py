@@ -86,10 +86,13 @@ def test_size_before_the_headers_follows_the_client_then_the_stream(video):
     out = video.get_params(1, p.QueueType.OUTPUT)
     assert (out.frame_width, out.frame_height, out.crop) == (336, 256, (0, 0, 322, 242))
     assert out.plane_formats == [(336 * 256, 336), (336 * 128, 336)]
+    params.format = p.Format.VP8            # refused with the size: nothing changes
     for size in ((0, 0), (8, 8), (5000, 100)):
         params.frame_width, params.frame_height = size
         reply = video.call(p.HDR.pack(p.Cmd.SET_PARAMS_EXT, 1) + params.pack_ext())
         assert status_of(reply) == p.Resp.ERR_INVALID_PARAMETER, size
+    coded = video.get_params(1, p.QueueType.INPUT)
+    assert (coded.format, coded.frame_width, coded.frame_height) == (p.Format.H264, 322, 242)
 
 
 def test_odd_size_is_cropped_from_an_aligned_coded_size(video):

@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 
 from pyemb import log
-from pyemb.device import ProtocolError, Request, write_all
+from pyemb.device import Request, write_all
 from pyemb.threadname import set_native_name
 from pyemb.video import protocol as p
 from pyemb.video.resources import Resource
@@ -224,14 +224,18 @@ class DecoderStream:
             self.output_set_up()        # a buffer made for the new geometry
         self.lock.notify()
 
+    def coded_format_open(self) -> bool:
+        """Whether SET_PARAMS(INPUT) may still name another coded format:
+        until the first input.  The ChromeOS driver creates its stream at
+        open() with the first format it found and names the real one at
+        S_FMT(OUTPUT)."""
+        return not self.fed and self.state is StreamState.AWAITING_HEADERS
+
     def replace_session(self, session: DecodeSession, coded_format: int) -> DecodeSession:
-        """SET_PARAMS(INPUT) names another coded format: decode that instead,
-        as long as no input was queued.  The ChromeOS driver creates its
-        stream at open() with the first format it found and names the real
-        one at S_FMT(OUTPUT).  Returns the session that was replaced."""
-        if self.fed or self.state is not StreamState.AWAITING_HEADERS:
-            raise ProtocolError(p.Resp.ERR_INVALID_OPERATION,
-                                "the coded format cannot change once decoding started")
+        """Decode ``coded_format`` with ``session`` from now on (see
+        coded_format_open); returns the session that was replaced."""
+        if not self.coded_format_open():
+            raise RuntimeError("the coded format is fixed once decoding started")
         old, self.session = self.session, session
         self.params[p.QueueType.INPUT].format = coded_format
         return old

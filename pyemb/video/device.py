@@ -311,26 +311,27 @@ class VideoDevice(DeviceModel):
         return p.reply(p.Resp.OK_NODATA, stream.id)
 
     def _set_input_params(self, stream: DecoderStream, cur: p.Params, new: p.Params) -> None:
+        # Everything is checked before anything changes: a refused command
+        # leaves the stream as it was.
+        size = (new.frame_width, new.frame_height)
+        if size != (cur.frame_width, cur.frame_height) and not self._frame_size_supported(
+                new.format, *size):
+            raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER, f"frame size {size[0]}x{size[1]}")
         if new.format != cur.format:
             if new.format not in self.backend.coded_formats():
                 raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER,
                                     f"coded format 0x{new.format:x}")
-            session = self.backend.open_session(p.Format(new.format))
-            try:
-                old = stream.replace_session(session, new.format)
-            except ProtocolError:
-                session.close()
-                raise
-            old.close()
+            if not stream.coded_format_open():
+                raise ProtocolError(p.Resp.ERR_INVALID_OPERATION,
+                                    "the coded format cannot change once decoding started")
+            stream.replace_session(self.backend.open_session(p.Format(new.format)),
+                                   new.format).close()
         if new.plane_formats and new.plane_formats[0][0]:
             cur.plane_formats = [(new.plane_formats[0][0], 0)]   # sizeimage of input buffers
         if new.frame_rate:
             cur.frame_rate = new.frame_rate
-        if (new.frame_width, new.frame_height) != (cur.frame_width, cur.frame_height):
-            width, height = new.frame_width, new.frame_height
-            if not self._frame_size_supported(cur.format, width, height):
-                raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER, f"frame size {width}x{height}")
-            stream.coded_size_hint(width, height)
+        if size != (cur.frame_width, cur.frame_height):
+            stream.coded_size_hint(*size)
 
     def _frame_size_supported(self, coded: int, width: int, height: int) -> bool:
         for desc in self.backend.capabilities(p.QueueType.INPUT):
