@@ -1,10 +1,13 @@
 """Video engines for virtio-video-py.
 
 A backend reports what it can do (``capabilities``, ``profiles``, ``levels``)
-and opens one :class:`DecodeSession` per stream.  A session turns bitstream
-chunks into :class:`Picture` objects; the device model
-(:mod:`pyemb.video.decoder`) owns the protocol, the buffers and the threads.
-The default engine is PyAV (FFmpeg); another engine is one class.
+and opens one :class:`DecodeSession` per decoder stream and one
+:class:`EncodeSession` per encoder stream.  A decode session turns
+bitstream chunks into :class:`Picture` objects; an encode session turns
+:class:`RawImage` pictures into :class:`Packet` objects.  The device models
+(:mod:`pyemb.video.decoder`, :mod:`pyemb.video.encoder`) own the protocol,
+the buffers and the threads.  The default engine is PyAV (FFmpeg, the
+encoders in :mod:`pyemb.pyav_encoder`); another engine is one class.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from pyemb.config import ConfigError
 from pyemb.video.protocol import (
     BufferFlag,
     Format,
@@ -93,6 +97,69 @@ class DecodeSession:
     def close(self) -> None:
         pass
 
+@dataclass(frozen=True)
+class EncoderSettings:
+    """What an encode session is opened with; a change of any of them takes
+    effect at the next picture, in a new session (its first picture a
+    keyframe with its headers)."""
+
+    coded: Format
+    width: int
+    height: int
+    frame_rate: int               # pictures per second
+    bitrate: int                  # bits per second: the target (VBR) or the rate (CBR)
+    peak_bitrate: int             # VBR's ceiling
+    cbr: bool
+    profile: int | None = None    # virtio-video PROFILE value; None: the engine's default
+    level: int | None = None      # virtio-video LEVEL value (H.264); a floor, see h264_level
+    prepend_headers: bool = False  # headers (SPS/PPS) before every keyframe, not just the first
+
+
+@dataclass
+class RawImage:
+    """A raw picture in memory the device owns (a guest buffer, or the copy
+    of a scattered one): ``fmt`` (NV12 or YUV420) of ``width`` x
+    ``height``, each plane at (offset, stride) from ``address``, all within
+    ``size`` bytes.  Valid only during :meth:`EncodeSession.take`."""
+
+    fmt: Format
+    width: int
+    height: int
+    address: int
+    size: int
+    layout: list[tuple[int, int]]
+
+
+@dataclass
+class Packet:
+    """One encoded frame (a whole access unit), with the timestamp of the
+    picture it encodes."""
+
+    data: bytes
+    timestamp: int
+    flags: int                    # BufferFlag.IFRAME / PFRAME / BFRAME
+
+
+class EncodeSession:
+    """One stream's encoder.  Called from the stream's worker thread only."""
+
+    def take(self, image: RawImage) -> Any:
+        """Copy ``image`` into the engine's own picture (the guest buffer is
+        handed back right after); returns what :meth:`encode` takes."""
+        raise NotImplementedError
+
+    def encode(self, picture: Any, timestamp: int, keyframe: bool) -> list[Packet]:
+        """Encode a picture from :meth:`take`; ``keyframe`` forces it to be one."""
+        raise NotImplementedError
+
+    def flush(self) -> list[Packet]:
+        """End of stream: every packet still inside the encoder."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
 # Coded formats and the FFmpeg decoder that handles each.
 FFMPEG_DECODERS = {
     Format.H264: "h264",
@@ -110,6 +177,9 @@ RAW_OUTPUTS = (Format.NV12, Format.YUV420)
 # requires steps of 1.
 FRAME = FormatFrame(width=Range(16, 4096, 1), height=Range(16, 4096, 1),
                     frame_rates=(Range(1, 120, 1),))
+# Sizes the encoders take: even ones (x264 and x265 refuse odd 4:2:0 sizes).
+ENCODE_FRAME = FormatFrame(width=Range(16, 4096, 2), height=Range(16, 4096, 2),
+                           frame_rates=(Range(1, 120, 1),))
 
 
 class VideoBackend:
@@ -146,6 +216,33 @@ class VideoBackend:
 
     def open_session(self, fmt: Format) -> DecodeSession:
         """A decoder for one stream of coded format ``fmt``."""
+        raise NotImplementedError
+
+    # -- encoding (an engine that does not encode keeps these) -------------------------
+    def encoded_formats(self) -> list[Format]:
+        """Bitstream formats this engine encodes to."""
+        return []
+
+    def encoder_capabilities(self, queue_type: QueueType) -> list[FormatDesc]:
+        """QUERY_CAPABILITY for an encoder: raw formats on INPUT, coded on
+        OUTPUT, every input compatible with every output."""
+        coded, raw = self.encoded_formats(), self.raw_formats()
+        if queue_type == QueueType.INPUT:
+            mask = (1 << len(coded)) - 1
+            return [FormatDesc(f, mask=mask, frames=(ENCODE_FRAME,)) for f in raw]
+        mask = (1 << len(raw)) - 1
+        return [FormatDesc(f, mask=mask, frames=(ENCODE_FRAME,)) for f in coded]
+
+    def encoder_profiles(self, fmt: Format) -> list[int]:
+        """PROFILE values an encoder of ``fmt`` produces; the first is the default."""
+        return []
+
+    def encoder_levels(self, fmt: Format) -> list[int]:
+        """LEVEL values an encoder of ``fmt`` may be asked for."""
+        return []
+
+    def open_encoder(self, settings: EncoderSettings) -> EncodeSession:
+        """An encoder for one stream (a new one whenever the settings change)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -299,7 +396,34 @@ class PyAVSession(DecodeSession):
 
 class PyAVBackend(VideoBackend):
     """FFmpeg through PyAV.  Options (``[backend]`` table): ``threads``,
-    decoder threads per stream (0: FFmpeg's choice)."""
+    decoder threads per stream (0: FFmpeg's choice), and ``[backend.encoders.<codec>]``
+    tables (see :mod:`pyemb.pyav_encoder`): which FFmpeg encoder makes each
+    coded format, with its options."""
+
+    def __init__(self, config: dict[str, Any] | None = None) -> None:
+        super().__init__(config)
+        from pyemb.pyav_encoder import encoder_choices
+
+        # Checked now: a bad encoder table stops QEMU before the guest starts.
+        self.encoders = encoder_choices(self.config.get("encoders", {}))
+
+    def encoded_formats(self) -> list[Format]:
+        return list(self.encoders)
+
+    def encoder_profiles(self, fmt: Format) -> list[int]:
+        choice = self.encoders.get(fmt)
+        return list(choice.profiles) if choice is not None else []
+
+    def encoder_levels(self, fmt: Format) -> list[int]:
+        choice = self.encoders.get(fmt)
+        return list(choice.levels) if choice is not None else []
+
+    def open_encoder(self, settings: EncoderSettings) -> EncodeSession:
+        from pyemb.pyav_encoder import PyAVEncodeSession
+
+        if settings.coded not in self.encoders:
+            raise ConfigError(f"no encoder for {settings.coded.name}")
+        return PyAVEncodeSession(self.encoders[settings.coded], settings)
 
     def open_session(self, fmt: Format) -> DecodeSession:
         return PyAVSession(FFMPEG_DECODERS[fmt], int(self.config.get("threads", 0)))

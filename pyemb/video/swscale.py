@@ -1,4 +1,4 @@
-"""Decoded pictures straight into guest buffers with FFmpeg's libswscale.
+"""Pictures between guest buffers and PyAV frames with FFmpeg's libswscale.
 
 PyAV's ``VideoFrame.reformat`` can only produce a new frame: converting to
 NV12 that way costs an allocation, a conversion pass and then a second pass
@@ -8,8 +8,12 @@ guest buffer directly, in one pass and without the GIL (ctypes drops it for
 the call).  The library is the very libswscale PyAV itself loaded, found in
 the process's mappings, so formats and versions always agree with PyAV's.
 
+The encoder goes the other way (``Converter.read``): a raw picture in a
+guest buffer, at the driver's strides and plane offsets, into the frame the
+encoder takes, again in one pass.
+
 Only conversions that are pure rearrangements of 8-bit 4:2:0 samples
-(I420 -> NV12, I420 -> I420) go this way: they are bit-exact whatever the
+(I420 or NV12 to NV12 or I420) go this way: they are bit-exact whatever the
 scaler's flags.  Anything else (10-bit, 4:2:2, ...) returns False and the
 caller falls back to PyAV's reformat.
 """
@@ -23,8 +27,9 @@ from typing import Any
 # Decoder output formats whose samples are 8-bit 4:2:0 planar (yuvj420p is
 # the full-range flavour of the same layout).
 I420_LIKE = ("yuv420p", "yuvj420p")
-# Guest formats this module writes, by libavutil pixel-format name.
+# Guest formats this module writes or reads, by libavutil pixel-format name.
 TARGETS = ("nv12", "yuv420p")
+SOURCES = (*I420_LIKE, "nv12")
 SWS_POINT = 0x10
 
 _lock = threading.Lock()
@@ -73,7 +78,7 @@ def _bind(sws_path: str, avutil_path: str) -> tuple[Any, dict[str, int]]:
     sws, avutil = ctypes.CDLL(sws_path), ctypes.CDLL(avutil_path)
     avutil.av_get_pix_fmt.restype = ctypes.c_int
     avutil.av_get_pix_fmt.argtypes = [ctypes.c_char_p]
-    formats = {name: avutil.av_get_pix_fmt(name.encode()) for name in (*I420_LIKE, *TARGETS)}
+    formats = {name: avutil.av_get_pix_fmt(name.encode()) for name in (*SOURCES, *TARGETS)}
     if min(formats.values()) < 0:
         raise OSError(f"libavutil does not know every pixel format of {formats}")
     c_int, c_ptr = ctypes.c_int, ctypes.c_void_p
@@ -108,10 +113,10 @@ def layout_fits(layout: list[tuple[int, int]], shapes: list[tuple[int, int]],
 class Converter:
     """One stream's scaler context; use it from one thread at a time.
 
-    Every picture of a stream usually has the same size and goes to a
-    buffer of the same layout: the scaler context, the layout check and the
-    ctypes argument arrays are kept and only redone when those change (each
-    rebuild costs microseconds, on the worker's serial path)."""
+    Every picture of a stream usually has the same size and buffer layout:
+    the scaler context, the layout check and the ctypes argument arrays are
+    kept and only redone when those change (each rebuild costs
+    microseconds, on the worker's serial path)."""
 
     def __init__(self) -> None:
         self._ctx: int | None = None
@@ -134,13 +139,44 @@ class Converter:
             return False
         if width > frame.width or height > frame.height:
             return False
-        fits_key = (target, width, height, dst_size, *layout)
+        self._check_layout(target, width, height, dst_size, layout)
+        planes = frame.planes[:3]
+        return self._scale(lib, source, [(p.buffer_ptr, p.line_size) for p in planes],
+                           target, [(dst_address + off, stride) for off, stride in layout],
+                           width, height)
+
+    def read(self, source: str, width: int, height: int, src_address: int, src_size: int,
+             layout: list[tuple[int, int]], frame: Any) -> bool:
+        """Read a ``width`` x ``height`` ``source`` picture ("nv12" or
+        "yuv420p") at ``src_address``, each plane at its (offset, stride),
+        into the PyAV ``frame`` of that size (NV12 or I420).  False, with
+        nothing read, where this conversion is not one this module does."""
+        lib = _load()
+        target = frame.format.name
+        if lib is None or source not in TARGETS or target not in TARGETS:
+            return False
+        if (width, height) != (frame.width, frame.height):
+            return False
+        self._check_layout(source, width, height, src_size, layout)
+        planes = frame.planes[:3]
+        return self._scale(lib, source, [(src_address + off, stride) for off, stride in layout],
+                           target, [(p.buffer_ptr, p.line_size) for p in planes],
+                           width, height)
+
+    def _check_layout(self, fmt: str, width: int, height: int, size: int,
+                      layout: list[tuple[int, int]]) -> None:
+        """The guest side's planes must lie inside its buffer (checked again
+        only when the buffer's geometry changes)."""
+        fits_key = (fmt, width, height, size, *layout)
         if fits_key != self._fits_key:
-            if not layout_fits(layout, plane_shapes(target, width, height), dst_size):
-                raise ValueError("picture planes do not fit the output buffer")
+            if not layout_fits(layout, plane_shapes(fmt, width, height), size):
+                raise ValueError("picture planes do not fit the buffer")
             self._fits_key = fits_key
-            for i, (_, stride) in enumerate(layout):
-                self._dst_strides[i] = stride
+
+    def _scale(self, lib: tuple[Any, dict[str, int]], source: str,
+               src_planes: list[tuple[int, int]], target: str,
+               dst_planes: list[tuple[int, int]], width: int, height: int) -> bool:
+        """sws_scale between two sets of (address, stride) planes."""
         sws, formats = lib
         ctx_key = (source, target, width, height)
         if ctx_key != self._ctx_key:
@@ -150,13 +186,13 @@ class Converter:
             self._ctx_key = ctx_key if self._ctx else None
             if not self._ctx:
                 return False
-        src, src_strides, dst = self._src, self._src_strides, self._dst
-        for i, plane in enumerate(frame.planes[:3]):
-            src[i] = plane.buffer_ptr
-            src_strides[i] = plane.line_size
-        for i, (offset, _) in enumerate(layout):
-            dst[i] = dst_address + offset
-        sws.sws_scale(self._ctx, src, src_strides, 0, height, dst, self._dst_strides)
+        for addrs, strides, planes in ((self._src, self._src_strides, src_planes),
+                                       (self._dst, self._dst_strides, dst_planes)):
+            for i, (address, stride) in enumerate(planes):
+                addrs[i] = address
+                strides[i] = stride
+        sws.sws_scale(self._ctx, self._src, self._src_strides, 0, height, self._dst,
+                      self._dst_strides)
         return True
 
     def close(self) -> None:
