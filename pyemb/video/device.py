@@ -1,13 +1,14 @@
 """The virtio-video device model: queues, config space, the command set.
 
-A stateful decoder in the ChromeOS/crosvm dialect (see
+A stateful decoder or encoder in the ChromeOS/crosvm dialect (see
 ../shared/protocols/virtio-video.md).  Synchronous commands are answered here,
-on QEMU's main loop, without waiting on decoding; RESOURCE_QUEUE and
+on QEMU's main loop, without waiting on the engine; RESOURCE_QUEUE and
 STREAM_DRAIN are completed later by the stream's worker
-(:mod:`pyemb.video.decoder`), and so are QUEUE_CLEAR, RESOURCE_DESTROY_ALL
-and STREAM_DESTROY when a buffer they take back is being written: their
-answer follows that buffer's ERR.  The encoder role has the device ID and the
-capabilities query, but no encoding yet: STREAM_CREATE says so.
+(:mod:`pyemb.video.decoder`, :mod:`pyemb.video.encoder`), and so are
+QUEUE_CLEAR, RESOURCE_DESTROY_ALL and STREAM_DESTROY when the worker holds
+completions that their answer must not overtake.  What differs between the
+roles (params, controls, what a queued buffer is) is the stream's; the
+commands' parsing and checks are here, once.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pyemb.config import ConfigError, get_int, section
 from pyemb.device import DeviceHandle, DeviceModel, ProtocolError, Request, write_all
 from pyemb.video import protocol as p
 from pyemb.video.decoder import DecoderStream, plane_formats
+from pyemb.video.encoder import EncoderStream
 from pyemb.video.resources import Resource, map_entries, parse_entries
 from pyemb.video_backend import PyAVBackend, VideoBackend
 
@@ -66,10 +68,10 @@ class VideoDevice(DeviceModel):
         if not issubclass(backend_class, VideoBackend):
             raise ConfigError(f"backend {backend_class.__name__} is not a pyemb VideoBackend")
         self.backend = backend_class(section(config, "backend"))
-        self.streams: dict[int, DecoderStream] = {}
+        self.streams: dict[int, DecoderStream | EncoderStream] = {}
         # Every stream whose worker may still run, destroyed ones included
         # (one ends a picture write after STREAM_DESTROY): a reset reaches them.
-        self.workers: weakref.WeakSet[DecoderStream] = weakref.WeakSet()
+        self.workers: weakref.WeakSet[DecoderStream | EncoderStream] = weakref.WeakSet()
         self.event_lock = threading.Lock()
         self.event_buffers: deque[Request] = deque()
         self.pending_events: deque[tuple[int, int]] = deque()
@@ -151,7 +153,7 @@ class VideoDevice(DeviceModel):
             raise ProtocolError(p.Resp.ERR_INVALID_OPERATION, f"command 0x{kind:x}")
         return handler(command, request)
 
-    def stream(self, command: bytes) -> DecoderStream:
+    def stream(self, command: bytes) -> DecoderStream | EncoderStream:
         _, stream_id = p.HDR.unpack_from(command)
         try:
             return self.streams[stream_id]
@@ -161,7 +163,9 @@ class VideoDevice(DeviceModel):
     def query_capability(self, command: bytes, request: Request) -> bytes:
         need(command, p.QUERY_CAPABILITY.size, "QUERY_CAPABILITY")
         _, _, queue_type = p.QUERY_CAPABILITY.unpack_from(command)
-        descs = self.backend.capabilities(queue_type_of(queue_type))
+        queue_type = queue_type_of(queue_type)
+        descs = (self.backend.capabilities(queue_type) if self.role == "decoder"
+                 else self.backend.encoder_capabilities(queue_type))
         reply = p.CAPABILITY_RESP.pack(p.Resp.OK_QUERY_CAPABILITY, 0, len(descs))
         reply += b"".join(d.pack() for d in descs)
         if len(reply) > request.writable_size:
@@ -171,21 +175,26 @@ class VideoDevice(DeviceModel):
     def stream_create(self, command: bytes, request: Request) -> bytes:
         need(command, p.STREAM_CREATE.size, "STREAM_CREATE")
         _, stream_id, in_mem, out_mem, coded, _, _ = p.STREAM_CREATE.unpack_from(command)
-        if self.role != "decoder":
-            raise ProtocolError(p.Resp.ERR_INVALID_OPERATION, "encoding is not implemented")
         if stream_id in self.streams:
             raise ProtocolError(p.Resp.ERR_INVALID_STREAM_ID, f"stream {stream_id} exists")
         if len(self.streams) >= self.max_streams:
             raise ProtocolError(p.Resp.ERR_OUT_OF_MEMORY, "too many streams")
-        if coded not in self.backend.coded_formats():
+        coded_formats = (self.backend.coded_formats() if self.role == "decoder"
+                         else self.backend.encoded_formats())
+        if coded not in coded_formats:
             raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER, f"coded format 0x{coded:x}")
         # ChromeOS says VIRTIO_OBJECT here and the real type in SET_PARAMS_EXT.
         for mem in (in_mem, out_mem):
             if mem not in (p.MemType.GUEST_PAGES, p.MemType.VIRTIO_OBJECT):
                 raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER, f"mem type {mem}")
-        session = self.backend.open_session(p.Format(coded))
-        stream = DecoderStream(stream_id, coded, in_mem, out_mem, session, self.send_event,
-                               self.report, self.handle.batch)
+        stream: DecoderStream | EncoderStream
+        if self.role == "decoder":
+            session = self.backend.open_session(p.Format(coded))
+            stream = DecoderStream(stream_id, coded, in_mem, out_mem, session,
+                                   self.send_event, self.report, self.handle.batch)
+        else:
+            stream = EncoderStream(stream_id, coded, in_mem, out_mem, self.backend,
+                                   self.send_event, self.report, self.handle.batch)
         self.streams[stream_id] = stream
         self.workers.add(stream)
         return p.reply(p.Resp.OK_NODATA, stream_id)
@@ -253,7 +262,9 @@ class VideoDevice(DeviceModel):
             if resource.queued:
                 raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER,
                                     f"resource {resource_id} is already queued")
-            if queue_type == p.QueueType.INPUT:
+            if queue_type == p.QueueType.INPUT and isinstance(stream, EncoderStream):
+                stream.queue_input(request, resource, timestamp)
+            elif queue_type == p.QueueType.INPUT:
                 if not 1 <= num_sizes <= p.MAX_PLANES or sizes[0] > resource.size:
                     raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER, "bad data size")
                 stream.queue_input(request, resource, sizes[0], timestamp)
@@ -303,7 +314,12 @@ class VideoDevice(DeviceModel):
                 if new.resource_type not in (p.MemType.GUEST_PAGES, p.MemType.VIRTIO_OBJECT):
                     raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER, "resource_type")
                 cur.resource_type = new.resource_type
-            if queue_type == p.QueueType.INPUT:
+            if isinstance(stream, EncoderStream):
+                if queue_type == p.QueueType.INPUT:
+                    stream.set_input_params(new)
+                else:
+                    stream.set_output_params(new)
+            elif queue_type == p.QueueType.INPUT:
                 self._set_input_params(stream, cur, new)
             else:
                 self._set_output_params(cur, new)
@@ -359,10 +375,13 @@ class VideoDevice(DeviceModel):
     def query_control(self, command: bytes, request: Request) -> bytes:
         need(command, p.QUERY_CONTROL.size, "QUERY_CONTROL")
         _, _, control, fmt = p.QUERY_CONTROL.unpack_from(command)
+        encoder = self.role == "encoder"
         if control == p.Control.PROFILE:
-            values = self.backend.profiles(fmt)
+            values = (self.backend.encoder_profiles(fmt) if encoder
+                      else self.backend.profiles(fmt))
         elif control == p.Control.LEVEL:
-            values = self.backend.levels(fmt)
+            values = (self.backend.encoder_levels(fmt) if encoder
+                      else self.backend.levels(fmt))
         else:
             raise ProtocolError(p.Resp.ERR_UNSUPPORTED_CONTROL, f"control {control}")
         if not values:
@@ -374,6 +393,10 @@ class VideoDevice(DeviceModel):
         need(command, p.GET_CONTROL.size, "GET_CONTROL")
         stream = self.stream(command)
         control = p.GET_CONTROL.unpack_from(command)[2]
+        if isinstance(stream, EncoderStream):
+            with stream.lock:
+                value = stream.get_control(control)
+            return p.GET_CONTROL_RESP.pack(p.Resp.OK_GET_CONTROL, stream.id, value)
         coded = stream.params[p.QueueType.INPUT].format
         values = (self.backend.profiles(coded) if control == p.Control.PROFILE
                   else self.backend.levels(coded) if control == p.Control.LEVEL else [])
@@ -389,6 +412,11 @@ class VideoDevice(DeviceModel):
 
     def set_control(self, command: bytes, request: Request) -> bytes:
         need(command, p.SET_CONTROL.size, "SET_CONTROL")
-        self.stream(command)
+        stream = self.stream(command)
+        if isinstance(stream, EncoderStream):
+            _, _, control, value = p.SET_CONTROL.unpack_from(command)
+            with stream.lock:
+                stream.set_control(control, value)
+            return p.reply(p.Resp.OK_NODATA, stream.id)
         raise ProtocolError(p.Resp.ERR_UNSUPPORTED_CONTROL,
                             "a decoder takes its controls from the bitstream")
