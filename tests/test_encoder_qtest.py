@@ -51,3 +51,103 @@ def test_each_codec_encodes_what_pyav_decodes_at_35_db(enc, codec):
     assert r.packets[0].flags == p.BufferFlag.IFRAME
     assert all(pk.flags == p.BufferFlag.PFRAME for pk in r.packets[1:])
     assert min(run.psnr()) >= 35
+
+
+def test_i420_at_an_odd_size_from_scattered_pages(enc):
+    pictures = raw_pictures(322, 242, 12, p.Format.YUV420)
+    run = encode(enc, p.Format.H264, pictures, 322, 242, raw_format=p.Format.YUV420,
+                 sg_chunks=5, controls={p.Control.BITRATE: 2_000_000})
+    assert len(run.result.packets) == 12
+    assert min(run.psnr()) >= 35
+
+
+def bits_per_second(run: EncodeRun, first: int, last: int) -> float:
+    data = sum(len(pk.data) for pk in run.result.packets[first:last])
+    return data * 8 * run.frame_rate / (last - first)
+
+
+@pytest.mark.parametrize("codec", ["h264", "vp8"])
+def test_cbr_holds_the_bitrate_over_three_seconds(enc, codec):
+    pictures = raw_pictures(320, 240, 90, noise=12)
+    run = encode(enc, CODECS[codec], pictures, 320, 240,
+                 controls={p.Control.BITRATE: 400_000, p.Control.BITRATE_MODE: 1})
+    assert len(run.result.packets) == 90
+    assert bits_per_second(run, 0, 90) == pytest.approx(400_000, rel=0.10)
+
+
+def test_a_bitrate_change_midway_takes_effect(enc):
+    pictures = raw_pictures(320, 240, 60, noise=12)
+
+    def faster(r: EncodeRun) -> None:
+        r.set_control(p.Control.BITRATE, 1_600_000)
+        r.set_control(p.Control.BITRATE_PEAK, 1_600_000)
+
+    run = encode(enc, p.Format.H264, pictures, 320, 240, before={30: faster},
+                 controls={p.Control.BITRATE: 200_000, p.Control.BITRATE_PEAK: 200_000,
+                           p.Control.BITRATE_MODE: 1})
+    assert len(run.result.packets) == 60
+    before, after = bits_per_second(run, 1, 30), bits_per_second(run, 31, 60)
+    assert before == pytest.approx(200_000, rel=0.25)
+    assert after == pytest.approx(1_600_000, rel=0.25)
+    # The new rate starts at the picture queued after the change, with a keyframe.
+    assert run.result.packets[30].flags == p.BufferFlag.IFRAME
+
+
+def nal_types(data: bytes, codec: str) -> list[int]:
+    """The NAL unit types of an Annex B access unit, in order."""
+    types, i = [], 0
+    while (i := data.find(b"\x00\x00\x01", i)) >= 0:
+        header = data[i + 3]
+        types.append(header & 0x1F if codec == "h264" else (header >> 1) & 0x3F)
+        i += 3
+    return types
+
+
+@pytest.mark.parametrize("codec,prepend", [("h264", 1), ("h264", 0), ("hevc", 1)])
+def test_forced_keyframes_land_exactly_and_carry_headers_when_asked(enc, codec, prepend):
+    pictures = raw_pictures(320, 240, 30)
+
+    def force(r: EncodeRun) -> None:
+        r.set_control(p.Control.FORCE_KEYFRAME, 1)
+
+    run = encode(enc, CODECS[codec], pictures, 320, 240, before={11: force, 23: force},
+                 controls={p.Control.PREPEND_SPSPPS_TO_IDR: prepend})
+    packets = run.result.packets
+    keyframes = [i for i, pk in enumerate(packets) if pk.flags == p.BufferFlag.IFRAME]
+    assert keyframes == [0, 11, 23]
+    sps = 7 if codec == "h264" else 33
+    with_headers = [i for i, pk in enumerate(packets) if sps in nal_types(pk.data, codec)]
+    assert with_headers == (keyframes if prepend else [0])
+    assert min(run.psnr()) >= 35
+
+
+def test_drain_returns_every_pending_packet_then_eos(enc):
+    """Pictures queued and drained with no output buffer yet: the packets
+    wait, then fill the buffers as they come, then the empty EOS buffer."""
+    run = EncodeRun(enc, 1, p.Format.VP9, raw_pictures(160, 96, 8), 160, 96,
+                    input_buffers=8, output_buffers=0)
+    run.start()
+    run.step([])
+    enc.kick()
+    for token in list(run.in_flight):
+        enc.wait(token)                  # every picture is read before any packet goes out
+        run.free_inputs.append(run.in_flight.pop(token))
+    run.outputs = {100 + i: enc.alloc_entries(64 << 10, 1) for i in range(3)}
+    for rid, entries in run.outputs.items():
+        enc.create_resource(1, p.QueueType.OUTPUT, rid, entries)
+        run.out_flight[enc.queue(1, p.QueueType.OUTPUT, rid, kick=False)] = rid
+    enc.run([run])
+    assert run.result.drain_status == p.Resp.OK_NODATA
+    assert [pk.timestamp for pk in run.result.packets] == run.timestamps
+    assert min(run.psnr()) >= 35
+
+
+def test_four_streams_at_once(enc):
+    runs = [EncodeRun(enc, sid, coded, raw_pictures(192, 128, 20), 192, 128,
+                      controls={p.Control.BITRATE: 1_500_000})
+            for sid, coded in enumerate(CODECS.values(), start=1)]
+    enc.run(runs)
+    for run in runs:
+        assert run.result.drain_status == p.Resp.OK_NODATA
+        assert len(run.result.packets) == 20
+        assert min(run.psnr()) >= 35
