@@ -23,7 +23,8 @@ CONFIG_V4L2_MEM2MEM_DEV is off; arm64 ships it).  The kernel build tools come
 from the host's ``linux-kbuild`` package (Multi-Arch: foreign: Debian's way of
 building modules for another architecture against its headers), with the
 cross compiler the headers name (aarch64-linux-gnu-gcc-12 for arm64).  The
-project's own V4L2 decoder client (guest/v4l2_decode.c) is built static.
+project's own V4L2 clients, the decoder (guest/v4l2_decode.c) and the encoder
+(guest/v4l2_encode.c), are built static.
 
 Output, cached by the package versions and the hash of everything above::
 
@@ -65,17 +66,20 @@ SYSTEM_LIBS = ["/lib64/ld-linux-x86-64.so.2", "/lib/x86_64-linux-gnu/libc.so.6",
 SHARED = Path(os.environ.get("PYEMB_SHARED") or REPO.parent / "shared")
 VIDEO_DRIVER = SHARED / "guest-drivers" / "virtio-video"
 DRIVER_PATCH = REPO / "guest" / "patches" / "virtio-video-linux-6.12.patch"
-DECODE_CLIENT = REPO / "guest" / "v4l2_decode.c"
+# The project's V4L2 clients: /usr/bin/<name> in the guest, from guest/<source>.
+CLIENTS = {"pyemb-v4l2-decode": REPO / "guest" / "v4l2_decode.c",
+           "pyemb-v4l2-encode": REPO / "guest" / "v4l2_encode.c"}
 # Host programs copied in with the libraries they need (ci/setup-host.sh
-# installs their packages: v4l-utils, gstreamer1.0-tools, -plugins-good/-bad).
-HOST_PACKAGES = ["v4l-utils", "gstreamer1.0-tools", "gstreamer1.0-plugins-good",
-                 "gstreamer1.0-plugins-bad"]
+# installs their packages: v4l-utils, gstreamer1.0-tools, -plugins-good/-bad;
+# -plugins-base, for videotestsrc and videoconvertscale, comes with -good).
+HOST_PACKAGES = ["v4l-utils", "gstreamer1.0-tools", "gstreamer1.0-plugins-base",
+                 "gstreamer1.0-plugins-good", "gstreamer1.0-plugins-bad"]
 MULTIARCH = "/usr/lib/x86_64-linux-gnu"
 HOST_PROGRAMS = ["/usr/bin/v4l2-ctl", "/usr/bin/gst-launch-1.0",
                  "/usr/bin/gst-inspect-1.0",
                  f"{MULTIARCH}/gstreamer1.0/gstreamer-1.0/gst-plugin-scanner"]
 GST_PLUGINS = ["coreelements", "video4linux2", "videoparsersbad", "ivfparse", "debug",
-               "videoconvertscale", "app"]
+               "videoconvertscale", "app", "videotestsrc"]
 
 
 @dataclass(frozen=True)
@@ -392,10 +396,11 @@ def target_libs(root: Path, arch: Arch, binaries: list[Path]) -> dict[str, Path]
     return files
 
 
-def build_decode_client(arch: Arch, tmp: Path) -> bytes:
-    out = tmp / "pyemb-v4l2-decode"
+def build_client(arch: Arch, tmp: Path, name: str) -> bytes:
+    """One of the project's V4L2 clients (CLIENTS), static, for the guest."""
+    out = tmp / name
     run(f"{arch.cross}gcc", "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(out),
-        str(DECODE_CLIENT))
+        str(CLIENTS[name]))
     return out.read_bytes()
 
 
@@ -461,7 +466,8 @@ def build(out: Path, arch: Arch) -> None:
             for guest_path, host_path in host_files(programs).items():
                 if guest_path.lstrip("/") not in (lib.lstrip("/") for lib in SYSTEM_LIBS):
                     cpio.add(guest_path, host_path.resolve().read_bytes(), 0o100755)
-        cpio.add("usr/bin/pyemb-v4l2-decode", build_decode_client(arch, tmp), 0o100755)
+        for name in CLIENTS:
+            cpio.add(f"usr/bin/{name}", build_client(arch, tmp, name), 0o100755)
         add_v4l2_compliance(cpio, arch)
         video_modules = build_video_modules(arch, kernel, kernel_version, tmp)
         modules = collect_modules([root / "lib/modules" / abi, video_modules], arch.modules)
@@ -490,7 +496,7 @@ def main() -> None:
     key_src += "".join(f"{p}={v}" for p, v in candidates(guest_packages(arch)).items()).encode()
     # In an order that does not depend on where the checkout is, so that
     # every checkout of the same sources shares one cached guest.
-    for path in [*sorted(VIDEO_DRIVER.rglob("*")), DRIVER_PATCH, DECODE_CLIENT]:
+    for path in [*sorted(VIDEO_DRIVER.rglob("*")), DRIVER_PATCH, *CLIENTS.values()]:
         if path.is_file():
             key_src += path.read_bytes()
     key_src += v4l2_compliance(arch).name.encode()        # its version and script hash
