@@ -89,7 +89,8 @@ class EncodeRun:
                  output_buffers: int = 4, sg_chunks: int = 1, frame_rate: int = 30,
                  controls: dict[int, int] | None = None,
                  before: dict[int, Callable[[EncodeRun], None]] | None = None,
-                 open_as: int = p.Format.H264, drain: bool = True) -> None:
+                 open_as: int = p.Format.H264, drain: bool = True,
+                 output_size: int | None = None) -> None:
         """``before[i]`` runs just before picture i is queued (a control
         change, say); ``open_as``: the stream is created with that coded
         format and the real one named in SET_PARAMS(OUTPUT), as the
@@ -104,6 +105,7 @@ class EncodeRun:
         self.before = before or {}
         self.open_as = open_as
         self.want_drain = drain
+        self.output_size = output_size      # None: what the OUTPUT params say
         self.result = EncodeResult()
         self.next = 0
         self.in_flight: dict[int, int] = {}
@@ -136,7 +138,7 @@ class EncodeRun:
         for rid, entries in self.inputs.items():
             c.create_resource(sid, p.QueueType.INPUT, rid, entries)
         self.free_inputs = list(self.inputs)
-        out_size = self.out_params.plane_formats[0][0]
+        out_size = self.output_size or self.out_params.plane_formats[0][0]
         self.outputs = {100 + i: c.alloc_entries(out_size, self.sg_chunks)
                         for i in range(self.output_buffers)}
         for rid, entries in self.outputs.items():

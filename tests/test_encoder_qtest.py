@@ -151,3 +151,154 @@ def test_four_streams_at_once(enc):
         assert run.result.drain_status == p.Resp.OK_NODATA
         assert len(run.result.packets) == 20
         assert min(run.psnr()) >= 35
+
+
+def status_of(reply: bytes) -> int:
+    return p.HDR.unpack_from(reply)[0]
+
+
+@pytest.mark.parametrize("command", ["QUEUE_CLEAR", "RESOURCE_DESTROY_ALL", "STREAM_DESTROY"])
+def test_clear_and_destroy_while_encoding_return_every_buffer_first(enc, command):
+    run = EncodeRun(enc, 1, p.Format.H264, raw_pictures(640, 480, 16), 640, 480,
+                    input_buffers=16, output_buffers=2, drain=False)
+    run.start()
+    run.step([])
+    enc.kick(wait=False)
+    enc.used_order = []
+    kind = getattr(p.Cmd, command)
+    body = (p.QUEUE_CMD.pack(kind, 1, p.QueueType.INPUT) if kind != p.Cmd.STREAM_DESTROY
+            else p.HDR.pack(kind, 1))
+    token = enc.submit(body)
+    reply = enc.wait(token)
+    assert status_of(reply) == p.Resp.OK_NODATA
+    answered = [u.chain.token for u in enc.used_order].index(token)
+    inputs_before = {u.chain.token for u in enc.used_order[:answered]} & set(run.in_flight)
+    # Every picture came back before the answer: encoded, or with ERR.
+    assert inputs_before == set(run.in_flight)
+    flags = [p.RESOURCE_QUEUE_RESP.unpack(u.data)[3] for u in enc.used_order
+             if u.chain.token in run.in_flight]
+    assert p.BufferFlag.ERR in flags
+    enc.used_order = None
+    if kind == p.Cmd.STREAM_DESTROY:
+        return
+    # The stream goes on, from a keyframe, once its buffers are back.
+    for token in list(run.in_flight):
+        enc.done.pop(token, None)
+        run.free_inputs.append(run.in_flight.pop(token))
+    if kind == p.Cmd.RESOURCE_DESTROY_ALL:
+        for rid, entries in run.inputs.items():
+            enc.create_resource(1, p.QueueType.INPUT, rid, entries)
+    for token in [t for t in enc.done if t in run.out_flight]:
+        run.take_output(token, enc.done.pop(token))
+    run.result.packets.clear()
+    run.pictures = run.pictures + raw_pictures(640, 480, 4)
+    run.timestamps = run.timestamps + [9_000_000 + i for i in range(4)]
+    run.want_drain = True
+    enc.run([run])
+    assert run.result.drain_status == p.Resp.OK_NODATA
+    assert run.result.packets[0].flags == p.BufferFlag.IFRAME
+
+
+def test_controls_profiles_and_levels(enc):
+    def query(control: int, fmt: int) -> list[int]:
+        reply = enc.call_ok(p.QUERY_CONTROL.pack(p.Cmd.QUERY_CONTROL, 0, control, fmt))
+        count = p.QUERY_CONTROL_RESP.unpack_from(reply)[2]
+        return list(p.struct.unpack_from(f"<{count}I", reply, p.QUERY_CONTROL_RESP.size))
+
+    assert query(p.Control.PROFILE, p.Format.H264) == [0x101, 0x100, 0x103]
+    assert query(p.Control.PROFILE, p.Format.HEVC) == [0x200]
+    assert query(p.Control.PROFILE, p.Format.VP9) == [0x400]
+    assert query(p.Control.LEVEL, p.Format.H264) == list(range(0x100, 0x10F))
+    enc.create_stream(1, p.Format.H264)
+
+    def get(control: int) -> int:
+        reply = enc.call_ok(p.GET_CONTROL.pack(p.Cmd.GET_CONTROL, 1, control))
+        return p.GET_CONTROL_RESP.unpack(reply)[2]
+
+    # What the ChromeOS driver reads at open(): all must answer.
+    assert [get(c) for c in (p.Control.PROFILE, p.Control.BITRATE, p.Control.BITRATE_PEAK,
+                             p.Control.BITRATE_MODE, p.Control.PREPEND_SPSPPS_TO_IDR)] == [
+        0x101, 2_000_000, 3_000_000, 0, 0]
+    for control, value in ((p.Control.PROFILE, 0x103), (p.Control.LEVEL, 0x10B),
+                           (p.Control.BITRATE, 5_000_000), (p.Control.BITRATE_MODE, 1)):
+        enc.call_ok(p.SET_CONTROL.pack(p.Cmd.SET_CONTROL, 1, control, value))
+        assert get(control) == value
+
+
+def test_high_profile_and_level_reach_the_bitstream(enc):
+    run = encode(enc, p.Format.H264, raw_pictures(320, 240, 5), 320, 240,
+                 controls={p.Control.PROFILE: 0x103, p.Control.LEVEL: 0x10B})
+    import av
+
+    ctx = av.CodecContext.create("h264", "r")
+    for pk in run.result.packets:
+        ctx.decode(av.Packet(pk.data))
+    assert (ctx.profile, ctx.level) == ("High", 41)
+
+
+@pytest.mark.parametrize("command,status", [
+    (p.SET_CONTROL.pack(p.Cmd.SET_CONTROL, 1, p.Control.BITRATE, 0),
+     p.Resp.ERR_INVALID_PARAMETER),
+    (p.SET_CONTROL.pack(p.Cmd.SET_CONTROL, 1, p.Control.PROFILE, 0x200),
+     p.Resp.ERR_INVALID_PARAMETER),
+    (p.SET_CONTROL.pack(p.Cmd.SET_CONTROL, 1, p.Control.BITRATE_MODE, 7),
+     p.Resp.ERR_INVALID_PARAMETER),
+    (p.SET_CONTROL.pack(p.Cmd.SET_CONTROL, 1, 99, 1), p.Resp.ERR_UNSUPPORTED_CONTROL),
+    (p.GET_CONTROL.pack(p.Cmd.GET_CONTROL, 1, 99), p.Resp.ERR_UNSUPPORTED_CONTROL),
+    (p.SET_CONTROL.pack(p.Cmd.SET_CONTROL, 7, p.Control.BITRATE, 1),
+     p.Resp.ERR_INVALID_STREAM_ID),
+    (p.HDR.pack(p.Cmd.SET_PARAMS_EXT, 1) + p.Params(p.QueueType.INPUT, p.Format.NV12, 321,
+                                                     240).pack_ext(),
+     p.Resp.ERR_INVALID_PARAMETER),
+    (p.HDR.pack(p.Cmd.SET_PARAMS_EXT, 1) + p.Params(p.QueueType.INPUT, p.Format.H264, 320,
+                                                     240).pack_ext(),
+     p.Resp.ERR_INVALID_PARAMETER),
+    (p.HDR.pack(p.Cmd.SET_PARAMS_EXT, 1) + p.Params(p.QueueType.OUTPUT, p.Format.MPEG2, 320,
+                                                     240).pack_ext(),
+     p.Resp.ERR_INVALID_PARAMETER),
+    (p.STREAM_CREATE.pack(p.Cmd.STREAM_CREATE, 2, 0, 0, p.Format.MPEG4, 0, b""),
+     p.Resp.ERR_INVALID_PARAMETER),
+    (p.HDR.pack(p.Cmd.SET_CONTROL, 1), p.Resp.ERR_INVALID_PARAMETER),
+])
+def test_malformed_commands_get_protocol_errors(enc, command, status):
+    enc.create_stream(1, p.Format.H264)
+    assert status_of(enc.call(command)) == status
+    # The stream still encodes.
+    run = encode(enc, p.Format.H264, raw_pictures(160, 96, 4), 160, 96, sid=3)
+    assert len(run.result.packets) == 4
+
+
+def test_an_input_buffer_smaller_than_the_picture_is_refused(enc):
+    enc.create_stream(1, p.Format.H264)
+    enc.create_resource(1, p.QueueType.INPUT, 0, enc.alloc_entries(4096, 1))
+    reply = enc.wait(enc.queue(1, p.QueueType.INPUT, 0, 0))
+    assert status_of(reply) == p.Resp.ERR_INVALID_PARAMETER
+
+
+def test_a_packet_too_big_for_its_buffer_gets_err_and_the_stream_recovers(enc):
+    """A grainy first picture in 12 KiB buffers: its keyframe cannot fit and
+    comes back ERR; the packets that refer to it are dropped and the next
+    picture encoded is made a keyframe, so what follows decodes."""
+    pictures = raw_pictures(320, 240, 1, noise=60) + raw_pictures(320, 240, 9)[1:]
+    run = encode(enc, p.Format.H264, pictures, 320, 240, output_size=12 << 10,
+                 controls={p.Control.BITRATE: 500_000})
+    r = run.result
+    assert r.output_errors == 1 and r.drain_status == p.Resp.OK_NODATA
+    kept = len(r.packets)
+    assert 4 <= kept <= 8
+    assert [pk.timestamp for pk in r.packets] == run.timestamps[-kept:]
+    assert r.packets[0].flags == p.BufferFlag.IFRAME
+    from tests.encoder_client import decode_packets
+
+    assert len(decode_packets(p.Format.H264, [pk.data for pk in r.packets])) == kept
+
+
+@pytest.mark.parametrize("transport", ["mmio"])
+def test_encoding_on_virtio_mmio(transport):
+    m, client = encoder_machine(transport)
+    try:
+        run = encode(client, p.Format.VP8, raw_pictures(160, 96, 10), 160, 96)
+        assert len(run.result.packets) == 10
+        assert min(run.psnr()) >= 35
+    finally:
+        m.stop()

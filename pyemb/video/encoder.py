@@ -163,6 +163,11 @@ class EncoderStream:
         self.generation = 0             # QUEUE_CLEARs so far: see the module's doc
         self.deferred: list[tuple[Request, bytes]] = []
         self.unpushed = False           # the worker's open batch holds completions
+        # A packet was lost (too big for its buffer): the packets that refer
+        # to it are dropped up to the next keyframe, and the next picture
+        # encoded starts a new session (a keyframe, with headers).
+        self.skip_to_keyframe = False
+        self.resync = False
         self.session: EncodeSession | None = None      # the worker's only
         self.session_key: tuple[EncoderSettings, int] | None = None   # settings, generation
         self._settings: EncoderSettings | None = None  # cache of settings()
@@ -494,6 +499,10 @@ class EncoderStream:
         read the picture (then hand its buffer back), encode it."""
         packets: list[Packet] = []
         key = (job.settings, generation)
+        with self.lock:
+            resync, self.resync = self.resync, False
+        if resync:
+            self._close_session()           # a new one starts with a keyframe and headers
         if self.session is not None and self.session_key != key:
             if self.session_key is not None and self.session_key[1] == generation:
                 packets = self._engine(self.session.flush)   # new settings: lose nothing
@@ -565,13 +574,16 @@ class EncoderStream:
                 buffer_done(out.request, out.resource, 0, p.BufferFlag.EOS)
                 self._end_drain(p.Resp.OK_NODATA)
                 continue
+            if self.skip_to_keyframe and entry.flags != p.BufferFlag.IFRAME:
+                outputs.appendleft(out)
+                continue
+            self.skip_to_keyframe = False
             if len(entry.data) > out.resource.size:
                 log.warning(f"virtio-video encoder stream {self.id}: a {len(entry.data)}-byte "
                             f"packet does not fit output resource "
                             f"{out.resource.resource_id} ({out.resource.size} bytes)")
                 buffer_done(out.request, out.resource, entry.timestamp, p.BufferFlag.ERR)
-                # The stream goes on from a keyframe.
-                self.controls.force_keyframe = True
+                self.skip_to_keyframe = self.resync = True
                 continue
             try:
                 out.resource.write(entry.data)
