@@ -79,7 +79,7 @@ HOST_PROGRAMS = ["/usr/bin/v4l2-ctl", "/usr/bin/gst-launch-1.0",
                  "/usr/bin/gst-inspect-1.0",
                  f"{MULTIARCH}/gstreamer1.0/gstreamer-1.0/gst-plugin-scanner"]
 GST_PLUGINS = ["coreelements", "video4linux2", "videoparsersbad", "ivfparse", "debug",
-               "videoconvertscale", "app", "videotestsrc"]
+               "videoconvertscale", "app", "videotestsrc", "rawparse"]
 
 
 @dataclass(frozen=True)
