@@ -135,16 +135,15 @@ def test_yu12_at_an_odd_size(guest):
                      p.Format.YUV420)) >= 35
 
 
-def test_keyframe_headers_and_the_driver_s_force_key_frame(guest):
-    """The SPS/PPS come in front of the keyframe.  FORCE_KEY_FRAME never
-    reaches the device: the driver's button control (virtio_video_enc.c)
-    answers VIDIOC_S_EXT_CTRLS and sends no SET_CONTROL, so only the
-    first picture is a keyframe (the device's side of it is proven in
-    tests/test_encoder_qtest.py).  When this fails, the driver forwards the
-    button: expect [0, *FORCED] here."""
+def test_forced_keyframes_land_where_asked_with_their_headers(guest):
+    """FORCE_KEY_FRAME reaches the device as a 16-byte SET_CONTROL with no
+    value (virtio_video_vq.c).  The keyframe lands on the next picture the
+    device sees, which is the one queued after the control unless pictures
+    queued before it still wait in the driver's m2m queue: this client
+    queues one at a time once the pipeline is full, so they land exactly."""
     records = packets(guest, "keys")
     keys = [i for i, (_, _, kind) in enumerate(lines(guest, "keys")) if kind == "K"]
-    assert keys == [0]
+    assert keys == [0, *FORCED]
     sps = [i for i, r in enumerate(records) if b"\x00\x00\x00\x01\x67" in r[:64]]
     assert sps == keys
 
@@ -200,10 +199,9 @@ ENCODER_DRIVER_FAILURES = {
         "ENC_CAP_FRAME_INTERVAL must refuse (virtio_video_enc.c)",
     "s_sel_ret != EINVAL && s_sel_ret != ENOTTY": "S_SELECTION checks no target",
     "testBasicCompose(node, V4L2_BUF_TYPE_VIDEO_OUTPUT)": "follows from S_SELECTION",
-    # Not attributed yet: every control's minimum is accepted through
-    # v4l2-ctl (test_every_control_minimum_is_accepted), so the refusal is
-    # the driver's (likely its FORCE_KEY_FRAME button, which sends nothing).
-    "could not set minimum value": "see test_every_control_minimum_is_accepted",
+    "could not set minimum value":
+        "virtio_video_cmd_set_control() refuses any value 0 with EINVAL, sending nothing "
+        "(virtio_video_vq.c): a client cannot go back to VBR or stop PREPEND_SPSPPS",
 }
 
 
@@ -215,7 +213,9 @@ def test_v4l2_compliance_fails_only_where_the_driver_does(guest, section):
     assert_only_driver_failures(text)
 
 
-def test_every_control_minimum_is_accepted(guest):
+def test_controls_reach_the_device_through_v4l2_ctl(guest):
+    """(Each v4l2-ctl opens a new stream: setting a default 0 changes
+    nothing, so the driver's refusal of 0 does not show here.)"""
     text = guest.section("controls")
     for control in ("video_bitrate=1", "video_peak_bitrate=1", "prepend_sps_and_pps_to_idr=0",
                     "video_bitrate_mode=1", "h264_profile=0", "h264_level=0"):

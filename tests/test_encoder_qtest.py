@@ -108,7 +108,8 @@ def test_forced_keyframes_land_exactly_and_carry_headers_when_asked(enc, codec, 
     pictures = raw_pictures(320, 240, 30)
 
     def force(r: EncodeRun) -> None:
-        r.set_control(p.Control.FORCE_KEYFRAME, 1)
+        # As the ChromeOS driver sends it: the head, no value.
+        r.c.call_ok(p.SET_CONTROL_HEAD.pack(p.Cmd.SET_CONTROL, r.sid, p.Control.FORCE_KEYFRAME))
 
     run = encode(enc, CODECS[codec], pictures, 320, 240, before={11: force, 23: force},
                  controls={p.Control.PREPEND_SPSPPS_TO_IDR: prepend})
@@ -259,6 +260,8 @@ def test_high_profile_and_level_reach_the_bitstream(enc):
     (p.STREAM_CREATE.pack(p.Cmd.STREAM_CREATE, 2, 0, 0, p.Format.MPEG4, 0, b""),
      p.Resp.ERR_INVALID_PARAMETER),
     (p.HDR.pack(p.Cmd.SET_CONTROL, 1), p.Resp.ERR_INVALID_PARAMETER),
+    (p.SET_CONTROL_HEAD.pack(p.Cmd.SET_CONTROL, 1, p.Control.BITRATE),
+     p.Resp.ERR_INVALID_PARAMETER),
 ])
 def test_malformed_commands_get_protocol_errors(enc, command, status):
     enc.create_stream(1, p.Format.H264)

@@ -411,10 +411,14 @@ class VideoDevice(DeviceModel):
                                        seen if seen is not None else values[0])
 
     def set_control(self, command: bytes, request: Request) -> bytes:
-        need(command, p.SET_CONTROL.size, "SET_CONTROL")
+        need(command, p.SET_CONTROL_HEAD.size, "SET_CONTROL")
         stream = self.stream(command)
         if isinstance(stream, EncoderStream):
-            _, _, control, value = p.SET_CONTROL.unpack_from(command)
+            control = p.SET_CONTROL_HEAD.unpack_from(command)[2]
+            value = 1
+            if control != p.Control.FORCE_KEYFRAME:    # a button: no value follows
+                need(command, p.SET_CONTROL.size, "SET_CONTROL")
+                value = p.SET_CONTROL.unpack_from(command)[3]
             with stream.lock:
                 stream.set_control(control, value)
             return p.reply(p.Resp.OK_NODATA, stream.id)

@@ -174,6 +174,8 @@ QUERY_CONTROL_RESP = struct.Struct("<III4x")          # hdr, num, then le32 valu
 GET_CONTROL = struct.Struct("<III4x")                 # control
 GET_CONTROL_RESP = struct.Struct("<III4x")            # hdr, value
 SET_CONTROL = struct.Struct("<III4xI4x")              # control, value
+# FORCE_KEYFRAME has no value: the ChromeOS driver sends the 16-byte head only.
+SET_CONTROL_HEAD = struct.Struct("<III4x")            # control
 PARAMS = struct.Struct("<" + "I" * 28)                # 112 bytes (v3)
 PARAMS_EXT = struct.Struct("<" + "I" * 30)            # 120 bytes
 EVENT = struct.Struct("<II")                          # event_type, stream_id
