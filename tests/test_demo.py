@@ -100,3 +100,26 @@ def test_pieces_after_an_underrun_are_joined(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("guest1-tune*")) == ["guest1-tune.wav"]
     assert "bit-exact" in sound.report()[0]
     assert "underran 2 times" in sound.report()[0]
+
+
+def test_encoded_packets_make_an_mp4_with_every_picture(tmp_path):
+    from demo import encode
+    from pyemb.video import protocol as p
+    from pyemb.video_backend import EncoderSettings, PyAVBackend, RawImage
+    from tests.encoder_client import EncodedPacket
+
+    session = PyAVBackend({}).open_encoder(
+        EncoderSettings(p.Format.H264, W, H, 25, 1_000_000, 1_500_000, False))
+    packets = []
+    for i in range(N):
+        packed = np.frombuffer(visible(guest_video.scene(1, i, W, H, N)), np.uint8)
+        picture = session.take(RawImage(p.Format.NV12, W, H, packed.ctypes.data,
+                                        packed.nbytes, [(0, W), (W * H, W)]))
+        packets += [EncodedPacket(pk.data, pk.timestamp, pk.flags)
+                    for pk in session.encode(picture, i, False)]
+    packets += [EncodedPacket(pk.data, pk.timestamp, pk.flags) for pk in session.flush()]
+    path = tmp_path / "encoded.mp4"
+    encode.write_mp4(path, packets, W, H, 25)
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].codec_context.name == "h264"
+        assert len(list(container.decode(video=0))) == N
