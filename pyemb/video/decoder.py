@@ -82,6 +82,17 @@ def plane_formats(fmt: int, width: int, height: int) -> list[tuple[int, int]]:
     return [(width * height, width), (cw * (height // 2), cw), (cw * (height // 2), cw)]
 
 
+def guest_or_minimum(asked: list[tuple[int, int]],
+                     minimum: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The (plane_size, stride) list a driver asked for where every plane is
+    at least as large as the minimum layout's, else the minimum."""
+    if len(asked) == len(minimum) and all(
+            size >= msize and stride >= mstride
+            for (size, stride), (msize, mstride) in zip(asked, minimum, strict=True)):
+        return list(asked)
+    return minimum
+
+
 class StreamState(Enum):
     AWAITING_HEADERS = "awaiting-headers"      # no size known: nothing to write yet
     RESOLUTION_CHANGE = "resolution-change"    # event sent, the driver has not read the params

@@ -22,7 +22,7 @@ from typing import Any
 from pyemb.config import ConfigError, get_int, section
 from pyemb.device import DeviceHandle, DeviceModel, ProtocolError, Request, write_all
 from pyemb.video import protocol as p
-from pyemb.video.decoder import DecoderStream, plane_formats
+from pyemb.video.decoder import DecoderStream, guest_or_minimum, plane_formats
 from pyemb.video.encoder import EncoderStream
 from pyemb.video.resources import Resource, map_entries, parse_entries
 from pyemb.video_backend import PyAVBackend, VideoBackend
@@ -361,14 +361,9 @@ class VideoDevice(DeviceModel):
             raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER, f"raw format {new.format}")
         cur.format = new.format
         if cur.frame_width and cur.frame_height:
-            minimum = plane_formats(cur.format, cur.frame_width, cur.frame_height)
             # Keep the driver's strides where they are large enough.
-            if (len(new.plane_formats) == len(minimum) and all(
-                    size >= msize and stride >= mstride for (size, stride), (msize, mstride)
-                    in zip(new.plane_formats, minimum, strict=True))):
-                cur.plane_formats = list(new.plane_formats)
-            else:
-                cur.plane_formats = minimum
+            cur.plane_formats = guest_or_minimum(
+                new.plane_formats, plane_formats(cur.format, cur.frame_width, cur.frame_height))
         if new.min_buffers:
             cur.min_buffers = max(cur.min_buffers, min(new.min_buffers, cur.max_buffers))
 

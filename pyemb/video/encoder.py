@@ -45,7 +45,14 @@ from pyemb import log
 from pyemb.device import ProtocolError, Request
 from pyemb.threadname import set_native_name
 from pyemb.video import protocol as p
-from pyemb.video.decoder import MAX_BUFFERS, OutputBuffer, buffer_done, plane_formats, reply
+from pyemb.video.decoder import (
+    MAX_BUFFERS,
+    OutputBuffer,
+    buffer_done,
+    guest_or_minimum,
+    plane_formats,
+    reply,
+)
 from pyemb.video.resources import Resource
 from pyemb.video_backend import (
     EncoderSettings,
@@ -68,6 +75,12 @@ MAX_FRAME_RATE = 120
 def bitstream_buffer_size(width: int, height: int) -> int:
     """Default size of an output buffer: a raw picture's (no sane packet is larger)."""
     return max(MIN_BITSTREAM_BUFFER, width * height * 3 // 2)
+
+
+def check_frame_rate(rate: int) -> None:
+    """0 leaves the rate as it is; otherwise 1 to MAX_FRAME_RATE."""
+    if rate and not 1 <= rate <= MAX_FRAME_RATE:
+        raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER, f"frame rate {rate}")
 
 
 class EncoderState(Enum):
@@ -207,19 +220,13 @@ class EncoderStream:
         width, height = new.frame_width, new.frame_height
         if not self._size_supported(width, height):
             raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER, f"frame size {width}x{height}")
-        if new.frame_rate and not 1 <= new.frame_rate <= MAX_FRAME_RATE:
-            raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER, f"frame rate {new.frame_rate}")
+        check_frame_rate(new.frame_rate)
         src, dst = self.params[p.QueueType.INPUT], self.params[p.QueueType.OUTPUT]
         src.format, src.frame_width, src.frame_height = new.format, width, height
         src.crop = dst.crop = (0, 0, width, height)
-        minimum = plane_formats(new.format, width, height)
         # Keep the driver's strides where they are large enough.
-        if (len(new.plane_formats) == len(minimum) and all(
-                size >= msize and stride >= mstride for (size, stride), (msize, mstride)
-                in zip(new.plane_formats, minimum, strict=True))):
-            src.plane_formats = list(new.plane_formats)
-        else:
-            src.plane_formats = minimum
+        src.plane_formats = guest_or_minimum(new.plane_formats,
+                                             plane_formats(new.format, width, height))
         if (dst.frame_width, dst.frame_height) != (width, height):
             dst.frame_width, dst.frame_height = width, height
             size = max(dst.plane_formats[0][0], bitstream_buffer_size(width, height))
@@ -234,8 +241,7 @@ class EncoderStream:
         """SET_PARAMS(OUTPUT): coded format, bitstream buffer size, frame rate."""
         if new.format not in self.backend.encoded_formats():
             raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER, f"coded format 0x{new.format:x}")
-        if new.frame_rate and not 1 <= new.frame_rate <= MAX_FRAME_RATE:
-            raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER, f"frame rate {new.frame_rate}")
+        check_frame_rate(new.frame_rate)
         src, dst = self.params[p.QueueType.INPUT], self.params[p.QueueType.OUTPUT]
         if new.format != dst.format:
             dst.format = new.format
