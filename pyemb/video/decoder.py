@@ -40,7 +40,6 @@ a stream of before the reset, and ends by itself.
 
 from __future__ import annotations
 
-import threading
 from collections import deque
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -51,10 +50,10 @@ from typing import Any
 import numpy as np
 
 from pyemb import log
-from pyemb.device import Request, write_all
-from pyemb.threadname import set_native_name
+from pyemb.device import Request
 from pyemb.video import protocol as p
 from pyemb.video.resources import Resource
+from pyemb.video.stream import OutputBuffer, StreamWorker, buffer_done
 from pyemb.video_backend import DecodeError, DecodeSession, Picture
 
 INPUT_BUFFER_SIZE = 1 << 20          # default sizeimage of bitstream buffers
@@ -129,12 +128,6 @@ class InputJob:
 
 
 @dataclass(eq=False, slots=True)
-class OutputBuffer:
-    request: Request
-    resource: Resource
-
-
-@dataclass(eq=False, slots=True)
 class Write:
     """A picture being written outside the stream's lock, and the output
     buffer it pins, with what the OUTPUT params said when it was taken."""
@@ -150,28 +143,15 @@ class Write:
     stale: bool = False          # QUEUE_CLEAR(INPUT) since: the picture is not kept
 
 
-def reply(request: Request, data: bytes) -> None:
-    if not request.done:
-        request.complete(write_all(request, data))
+class DecoderStream(StreamWorker):
+    role = "decoding"
 
-
-def buffer_done(request: Request, resource: Resource, timestamp: int, flags: int,
-                size: int = 0) -> None:
-    resource.queued = False
-    reply(request, p.resource_queue_reply(timestamp, flags, size))
-
-
-class DecoderStream:
     def __init__(self, stream_id: int, coded_format: int, in_mem: int, out_mem: int,
                  session: DecodeSession, send_event: Callable[[int, int], None],
                  report: Callable[[BaseException, str], None],
                  completion_batch: Callable[[], AbstractContextManager[Any]]) -> None:
-        self.id = stream_id
+        super().__init__(stream_id, send_event, report, completion_batch)
         self.session = session
-        self.send_event = send_event
-        self.report = report
-        self.completion_batch = completion_batch
-        self.lock = threading.Condition()
         self.params = {
             p.QueueType.INPUT: p.Params(p.QueueType.INPUT, coded_format, min_buffers=1,
                                         max_buffers=MAX_BUFFERS,
@@ -188,18 +168,13 @@ class DecoderStream:
         self.inputs: deque[InputJob | Marker] = deque()
         self.outputs: deque[OutputBuffer] = deque()
         self.pictures: deque[Picture | Marker] = deque()
-        self.drain: Request | None = None
         self.decoding: InputJob | Marker | None = None    # taken away to cancel it
         self.writing: Write | None = None
-        self.deferred: list[tuple[Request, bytes]] = []   # answers the worker sends
-        self.unpushed = False           # the worker's open batch holds completions
         self.geometry: tuple[int, int] | None = None    # visible size being output
         self._layout_of: list[tuple[int, int]] | None = None    # see _output_layout
         self._layout_cache: tuple[list[tuple[int, int]], int] = ([], 0)
         self.coded_size_hint(*DEFAULT_SIZE)
-        self.thread = threading.Thread(target=self._run, name=f"pyemb-video-stream{stream_id}",
-                                       daemon=True)
-        self.thread.start()
+        self.start_worker(f"pyemb-video-stream{stream_id}", f"pyemb-video-{stream_id}")
 
     def _to(self, state: StreamState) -> None:
         """The one place the state changes; refuses what the table does not allow."""
@@ -363,32 +338,13 @@ class DecoderStream:
                 res.release()
         resources.clear()
 
-    def _end_drain(self, status: int) -> None:
-        if self.drain is not None:
-            reply(self.drain, p.reply(status, self.id))
-            self.drain = None
-
     # -- the worker thread -------------------------------------------------------------
-    def _run(self) -> None:
-        set_native_name(f"pyemb-video-{self.id}")
-        try:
-            while True:
-                more, entry = self._next()
-                if not more:
-                    break
-                # A step's completions (pictures, the input buffer, answers
-                # left to the worker) reach the guest together, pushed from
-                # here once the stream's lock is let go: QEMU's main loop is
-                # not woken for them.
-                with self.completion_batch():
-                    self._step(entry)
-        except Exception as e:  # noqa: BLE001 - a dead worker must be visible
-            if self.state is not StreamState.ABANDONED:
-                self.report(e, f"decoding stream {self.id}")
-            with self.lock:
-                self._fail()
-        finally:
-            self.session.close()
+    @property
+    def abandoned(self) -> bool:
+        return self.state is StreamState.ABANDONED
+
+    def _close_engine(self) -> None:
+        self.session.close()
 
     def _next(self) -> tuple[bool, InputJob | Marker | None]:
         """Wait for work: (False, None) when the worker is to end, else the
@@ -574,12 +530,6 @@ class DecoderStream:
                 self._answer_deferred()
         if write.release:
             out.resource.release()
-
-    def _answer_deferred(self) -> None:
-        self.unpushed = True
-        for request, data in self.deferred:
-            reply(request, data)
-        self.deferred.clear()
 
     def _fail(self) -> None:
         """Under the lock, after an exception killed the worker: nothing it

@@ -31,7 +31,6 @@ many packets (and its own buffers).
 
 from __future__ import annotations
 
-import threading
 from collections import deque
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -43,17 +42,10 @@ import numpy as np
 
 from pyemb import log
 from pyemb.device import ProtocolError, Request
-from pyemb.threadname import set_native_name
 from pyemb.video import protocol as p
-from pyemb.video.decoder import (
-    MAX_BUFFERS,
-    OutputBuffer,
-    buffer_done,
-    guest_or_minimum,
-    plane_formats,
-    reply,
-)
+from pyemb.video.decoder import MAX_BUFFERS, guest_or_minimum, plane_formats
 from pyemb.video.resources import Resource
+from pyemb.video.stream import OutputBuffer, StreamWorker, buffer_done
 from pyemb.video_backend import (
     EncoderSettings,
     EncodeSession,
@@ -136,17 +128,15 @@ class Controls:
     force_keyframe: bool = False          # for the next picture queued
 
 
-class EncoderStream:
+class EncoderStream(StreamWorker):
+    role = "encoding"
+
     def __init__(self, stream_id: int, coded_format: int, in_mem: int, out_mem: int,
                  backend: VideoBackend, send_event: Callable[[int, int], None],
                  report: Callable[[BaseException, str], None],
                  completion_batch: Callable[[], AbstractContextManager[Any]]) -> None:
-        self.id = stream_id
+        super().__init__(stream_id, send_event, report, completion_batch)
         self.backend = backend
-        self.send_event = send_event
-        self.report = report
-        self.completion_batch = completion_batch
-        self.lock = threading.Condition()
         width, height = DEFAULT_SIZE
         self.params = {
             p.QueueType.INPUT: p.Params(p.QueueType.INPUT, p.Format.NV12, width, height,
@@ -171,11 +161,8 @@ class EncoderStream:
         self.inputs: deque[PictureJob | Marker] = deque()
         self.outputs: deque[OutputBuffer] = deque()
         self.packets: deque[Packet | Marker] = deque()
-        self.drain: Request | None = None
         self.reading: PictureJob | None = None
         self.generation = 0             # QUEUE_CLEARs so far: see the module's doc
-        self.deferred: list[tuple[Request, bytes]] = []
-        self.unpushed = False           # the worker's open batch holds completions
         # A packet was lost (too big for its buffer): the packets that refer
         # to it are dropped up to the next keyframe, and the next picture
         # encoded starts a new session (a keyframe, with headers).
@@ -184,9 +171,7 @@ class EncoderStream:
         self.session: EncodeSession | None = None      # the worker's only
         self.session_key: tuple[EncoderSettings, int] | None = None   # settings, generation
         self._settings: EncoderSettings | None = None  # cache of settings()
-        self.thread = threading.Thread(target=self._run, name=f"pyemb-video-enc{stream_id}",
-                                       daemon=True)
-        self.thread.start()
+        self.start_worker(f"pyemb-video-enc{stream_id}", f"pyemb-venc-{stream_id}")
 
     def _to(self, state: EncoderState) -> None:
         if state not in TRANSITIONS[self.state]:
@@ -436,28 +421,13 @@ class EncoderStream:
         self.lock.notify()
         return True
 
-    def _end_drain(self, status: int) -> None:
-        if self.drain is not None:
-            reply(self.drain, p.reply(status, self.id))
-            self.drain = None
-
     # -- the worker thread -------------------------------------------------------------
-    def _run(self) -> None:
-        set_native_name(f"pyemb-venc-{self.id}")
-        try:
-            while True:
-                more, entry = self._next()
-                if not more:
-                    break
-                with self.completion_batch():
-                    self._step(entry)
-        except Exception as e:  # noqa: BLE001 - a dead worker must be visible
-            if self.state is not EncoderState.ABANDONED:
-                self.report(e, f"encoding stream {self.id}")
-            with self.lock:
-                self._fail()
-        finally:
-            self._close_session()
+    @property
+    def abandoned(self) -> bool:
+        return self.state is EncoderState.ABANDONED
+
+    def _close_engine(self) -> None:
+        self._close_session()
 
     def _next(self) -> tuple[bool, PictureJob | Marker | None]:
         with self.lock:
@@ -598,12 +568,6 @@ class EncoderStream:
                 continue
             buffer_done(out.request, out.resource, entry.timestamp, entry.flags,
                         len(entry.data))
-
-    def _answer_deferred(self) -> None:
-        self.unpushed = True
-        for request, data in self.deferred:
-            reply(request, data)
-        self.deferred.clear()
 
     def _fail(self) -> None:
         """Under the lock: the engine failed or the worker died."""
