@@ -305,3 +305,15 @@ def test_encoding_on_virtio_mmio(transport):
         assert min(run.psnr()) >= 35
     finally:
         m.stop()
+
+
+def test_a_bad_encoder_config_stops_qemu_with_one_line(tmp_path):
+    from tests.hostdriver import Machine, QemuExited
+
+    cfg = tmp_path / "enc.toml"
+    cfg.write_text('[backend.encoders.h264]\ncodec = "libnope"\n')
+    with pytest.raises(QemuExited) as exc:
+        Machine.x86(["-device", f"virtio-video-py-pci,role=encoder,config={cfg}"]).start()
+    lines = [line for line in exc.value.stderr.splitlines() if "libnope" in line]
+    assert len(lines) == 1 and "this FFmpeg has no encoder libnope" in lines[0]
+    assert "Traceback" not in exc.value.stderr
