@@ -90,7 +90,8 @@ class EncodeRun:
                  controls: dict[int, int] | None = None,
                  before: dict[int, Callable[[EncodeRun], None]] | None = None,
                  open_as: int = p.Format.H264, drain: bool = True,
-                 output_size: int | None = None) -> None:
+                 output_size: int | None = None,
+                 input_planes: list[tuple[int, int]] | None = None) -> None:
         """``before[i]`` runs just before picture i is queued (a control
         change, say); ``open_as``: the stream is created with that coded
         format and the real one named in SET_PARAMS(OUTPUT), as the
@@ -106,6 +107,7 @@ class EncodeRun:
         self.open_as = open_as
         self.want_drain = drain
         self.output_size = output_size      # None: what the OUTPUT params say
+        self.input_planes = input_planes or []   # (size, stride) asked; []: the device's
         self.result = EncodeResult()
         self.next = 0
         self.in_flight: dict[int, int] = {}
@@ -126,7 +128,7 @@ class EncodeRun:
         src = c.get_params(sid, p.QueueType.INPUT)
         src.format, src.frame_width, src.frame_height = (self.raw_format, self.width,
                                                          self.height)
-        src.frame_rate, src.plane_formats = self.frame_rate, []
+        src.frame_rate, src.plane_formats = self.frame_rate, self.input_planes
         c.set_params(sid, src)
         for control, value in self.controls.items():
             self.set_control(control, value)

@@ -317,3 +317,46 @@ def test_a_bad_encoder_config_stops_qemu_with_one_line(tmp_path):
     lines = [line for line in exc.value.stderr.splitlines() if "libnope" in line]
     assert len(lines) == 1 and "this FFmpeg has no encoder libnope" in lines[0]
     assert "Traceback" not in exc.value.stderr
+
+
+def capabilities(client: VideoClient, queue_type: int) -> list[tuple[int, int, list[tuple]]]:
+    """(format, mask, [(width range, height range, rates)]) of each descriptor."""
+    reply = client.call_ok(p.QUERY_CAPABILITY.pack(p.Cmd.QUERY_CAPABILITY, 0, queue_type),
+                           resp_size=4096)
+    count, offset, out = p.CAPABILITY_RESP.unpack_from(reply)[2], p.CAPABILITY_RESP.size, []
+    for _ in range(count):
+        mask, fmt, _, _, frames = p.FORMAT_DESC.unpack_from(reply, offset)
+        offset += p.FORMAT_DESC.size
+        ranges = []
+        for _ in range(frames):
+            wmin, wmax, wstep, hmin, hmax, hstep, rates = p.FORMAT_FRAME.unpack_from(reply,
+                                                                                   offset)
+            offset += p.FORMAT_FRAME.size
+            rate = p.FORMAT_RANGE.unpack_from(reply, offset)
+            offset += rates * p.FORMAT_RANGE.size
+            ranges.append(((wmin, wmax, wstep), (hmin, hmax, hstep), rate))
+        out.append((fmt, mask, ranges))
+    return out
+
+
+def test_capabilities_raw_in_coded_out(enc):
+    raw = capabilities(enc, p.QueueType.INPUT)
+    coded = capabilities(enc, p.QueueType.OUTPUT)
+    assert [(fmt, mask) for fmt, mask, _ in raw] == [(p.Format.NV12, 0b1111),
+                                                    (p.Format.YUV420, 0b1111)]
+    assert [(fmt, mask) for fmt, mask, _ in coded] == [
+        (p.Format.H264, 0b11), (p.Format.HEVC, 0b11), (p.Format.VP8, 0b11),
+        (p.Format.VP9, 0b11)]
+    for _, _, ranges in raw + coded:
+        assert ranges == [((16, 4096, 2), (16, 4096, 2), (1, 120, 1))]
+
+
+def test_the_driver_s_wider_strides_are_kept_and_read(enc):
+    """SET_PARAMS(INPUT) with padded rows: GET_PARAMS gives them back and the
+    pictures are read at that stride, from scattered pages."""
+    planes = [(384 * 256, 384), (384 * 128, 384)]
+    run = encode(enc, p.Format.H264, raw_pictures(320, 240, 6), 320, 240, sg_chunks=3,
+                 input_planes=planes)
+    assert run.in_params.plane_formats == planes
+    assert (run.out_params.frame_width, run.out_params.frame_height) == (320, 240)
+    assert min(run.psnr()) >= 35
