@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 
 from pyemb.device import DeviceModel, Request, read_all, write_all
-from pyemb.video.protocol import QueueType
+from pyemb.video.protocol import Format, QueueType
 from pyemb.video_backend import PyAVBackend
 
 
@@ -137,3 +137,24 @@ class FlakyVideoBackend(PyAVBackend):
 class BrokenConstructorBackend(PyAVBackend):
     def __init__(self, config=None) -> None:
         raise OSError("no such host device")
+
+
+class EncoderFailingAtPicture3(PyAVBackend):
+    """PyAV's encoders, except that a VP8 session fails at its fourth picture
+    (an engine error in the middle of a stream); other formats work."""
+
+    def open_encoder(self, settings):
+        session = super().open_encoder(settings)
+        if settings.coded != Format.VP8:
+            return session
+        encode = session.encode
+        count = [0]
+
+        def failing(picture, timestamp, keyframe):
+            count[0] += 1
+            if count[0] == 4:
+                raise RuntimeError("encoder fell over")
+            return encode(picture, timestamp, keyframe)
+
+        session.encode = failing
+        return session

@@ -360,3 +360,24 @@ def test_the_driver_s_wider_strides_are_kept_and_read(enc):
     assert run.in_params.plane_formats == planes
     assert (run.out_params.frame_width, run.out_params.frame_height) == (320, 240)
     assert min(run.psnr()) >= 35
+
+
+def test_an_engine_error_is_an_error_event_and_other_streams_go_on():
+    m = start("pci", "virtio-video-py",
+              "role=encoder,backend=tests.models:EncoderFailingAtPicture3", mem_mb=256)
+    try:
+        dev = m.find_virtio(p.ENCODER_DEVICE_ID)
+        dev.initialize(want_features=0b11)
+        client = VideoClient(m, dev)
+        failing = EncodeRun(client, 1, p.Format.VP8, raw_pictures(160, 96, 12), 160, 96)
+        healthy = EncodeRun(client, 2, p.Format.H264, raw_pictures(160, 96, 12), 160, 96)
+        client.run([failing, healthy])
+        assert (p.EventType.ERROR, 1) in failing.result.events
+        assert failing.result.drain_status == p.Resp.ERR_INVALID_OPERATION
+        assert p.BufferFlag.ERR in failing.result.input_flags
+        assert len(failing.result.packets) == 3
+        assert healthy.result.drain_status == p.Resp.OK_NODATA
+        assert min(healthy.psnr()) >= 35
+        assert "encoder fell over" in m.stderr()
+    finally:
+        m.stop()
