@@ -381,3 +381,29 @@ def test_an_engine_error_is_an_error_event_and_other_streams_go_on():
         assert "encoder fell over" in m.stderr()
     finally:
         m.stop()
+
+
+def test_the_encoders_share_a_documented_pixel_budget(tmp_path):
+    """[video] max_encode_pixels bounds what the encoders' own pictures take:
+    a stream beyond it gets ERR_OUT_OF_MEMORY for its picture, and the area
+    comes back when a stream is destroyed."""
+    cfg = tmp_path / "enc.toml"
+    cfg.write_text(f"[video]\nmax_encode_pixels = {2 * 320 * 240}\n")
+    m = start("pci", "virtio-video-py", f"role=encoder,config={cfg}", mem_mb=256)
+    try:
+        dev = m.find_virtio(p.ENCODER_DEVICE_ID)
+        dev.initialize(want_features=0b11)
+        client = VideoClient(m, dev)
+        runs = [EncodeRun(client, sid, p.Format.VP8, raw_pictures(320, 240, 2), 320, 240,
+                          drain=False) for sid in (1, 2, 3)]
+        for run in runs:
+            run.start()
+        tokens = [client.queue(run.sid, p.QueueType.INPUT, 0, 0) for run in runs]
+        replies = [status_of(client.wait(t)) for t in tokens]
+        assert replies[:2] == [p.Resp.OK_RESOURCE_QUEUE] * 2
+        assert replies[2] == p.Resp.ERR_OUT_OF_MEMORY
+        client.call_ok(p.HDR.pack(p.Cmd.STREAM_DESTROY, 1))
+        token = client.queue(3, p.QueueType.INPUT, 0, 0)
+        assert status_of(client.wait(token)) == p.Resp.OK_RESOURCE_QUEUE
+    finally:
+        m.stop()

@@ -23,7 +23,7 @@ from pyemb.config import ConfigError, get_int, section
 from pyemb.device import DeviceHandle, DeviceModel, ProtocolError, Request, write_all
 from pyemb.video import protocol as p
 from pyemb.video.decoder import DecoderStream, guest_or_minimum, plane_formats
-from pyemb.video.encoder import EncoderStream
+from pyemb.video.encoder import EncoderStream, PixelBudget
 from pyemb.video.resources import Resource, map_entries, parse_entries
 from pyemb.video_backend import PyAVBackend, VideoBackend
 
@@ -64,6 +64,9 @@ class VideoDevice(DeviceModel):
             raise ConfigError("config: video.device_name must be a string of at most 32 bytes")
         self.device_name = name.encode()
         self.max_streams = get_int(video, "max_streams", 128, 1, 1024, "video")
+        # Sixteen 1080p streams: what the encoders' own pictures may take.
+        self.encode_budget = PixelBudget(get_int(video, "max_encode_pixels", 16 * 1920 * 1080,
+                                                 16 * 16, 1 << 31, "video"))
         backend_class = backend_class or PyAVBackend
         if not issubclass(backend_class, VideoBackend):
             raise ConfigError(f"backend {backend_class.__name__} is not a pyemb VideoBackend")
@@ -194,7 +197,8 @@ class VideoDevice(DeviceModel):
                                    self.send_event, self.report, self.handle.batch)
         else:
             stream = EncoderStream(stream_id, coded, in_mem, out_mem, self.backend,
-                                   self.send_event, self.report, self.handle.batch)
+                                   self.send_event, self.report, self.handle.batch,
+                                   self.encode_budget)
         self.streams[stream_id] = stream
         self.workers.add(stream)
         return p.reply(p.Resp.OK_NODATA, stream_id)
