@@ -398,10 +398,12 @@ def test_the_encoders_share_a_documented_pixel_budget(tmp_path):
                           drain=False) for sid in (1, 2, 3)]
         for run in runs:
             run.start()
-        tokens = [client.queue(run.sid, p.QueueType.INPUT, 0, 0) for run in runs]
-        replies = [status_of(client.wait(t)) for t in tokens]
-        assert replies[:2] == [p.Resp.OK_RESOURCE_QUEUE] * 2
-        assert replies[2] == p.Resp.ERR_OUT_OF_MEMORY
+        tokens = [client.queue(run.sid, p.QueueType.INPUT, 0, 7) for run in runs]
+        replies = [p.RESOURCE_QUEUE_RESP.unpack(client.wait(t)) for t in tokens]
+        assert [r[0] for r in replies] == [p.Resp.OK_RESOURCE_QUEUE] * 2 + [
+            p.Resp.ERR_OUT_OF_MEMORY]
+        # The whole response, flag ERR: the ChromeOS driver reads only the flags.
+        assert replies[2][2:] == (7, p.BufferFlag.ERR, 0)
         client.call_ok(p.HDR.pack(p.Cmd.STREAM_DESTROY, 1))
         token = client.queue(3, p.QueueType.INPUT, 0, 0)
         assert status_of(client.wait(token)) == p.Resp.OK_RESOURCE_QUEUE

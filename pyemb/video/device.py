@@ -250,7 +250,21 @@ class VideoDevice(DeviceModel):
             stream.resources[queue_type][resource_id] = resource
         return p.reply(p.Resp.OK_NODATA, stream.id)
 
-    def resource_queue(self, command: bytes, request: Request) -> None:
+    def resource_queue(self, command: bytes, request: Request) -> bytes | None:
+        """A refused RESOURCE_QUEUE is answered with the whole 24-byte
+        response, flag ERR: the ChromeOS driver reads the flags of every
+        reply to it and never its status, so a bare error header would hand
+        its buffer back as done."""
+        try:
+            return self._resource_queue(command, request)
+        except ProtocolError as e:
+            _, stream_id = p.HDR.unpack_from(command) if len(command) >= p.HDR.size else (0, 0)
+            timestamp = (p.RESOURCE_QUEUE.unpack_from(command)[4]
+                         if len(command) >= p.RESOURCE_QUEUE.size else 0)
+            return p.RESOURCE_QUEUE_RESP.pack(e.status, stream_id, timestamp,
+                                              p.BufferFlag.ERR, 0)
+
+    def _resource_queue(self, command: bytes, request: Request) -> None:
         need(command, p.RESOURCE_QUEUE.size, "RESOURCE_QUEUE")
         stream = self.stream(command)
         fields = p.RESOURCE_QUEUE.unpack_from(command)
