@@ -329,13 +329,18 @@ class DecoderStream(StreamWorker):
         self.lock.notify()
         return True
 
-    def _release(self, resources: dict[int, Resource]) -> None:
+    def release_resource(self, resource: Resource) -> None:
+        """Unmap a resource now, or once the picture being written into it
+        is written."""
         write = self.writing
+        if write is not None and resource is write.out.resource:
+            write.release = True
+        else:
+            resource.release()
+
+    def _release(self, resources: dict[int, Resource]) -> None:
         for res in resources.values():
-            if write is not None and res is write.out.resource:
-                write.release = True        # unmapped by the worker once written
-            else:
-                res.release()
+            self.release_resource(res)
         resources.clear()
 
     # -- the worker thread -------------------------------------------------------------

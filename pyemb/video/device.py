@@ -246,7 +246,7 @@ class VideoDevice(DeviceModel):
         with stream.lock:
             old = stream.resources[queue_type].pop(resource_id, None)
             if old is not None:
-                old.release()
+                stream.release_resource(old)    # once the worker is done with it
             stream.resources[queue_type][resource_id] = resource
         return p.reply(p.Resp.OK_NODATA, stream.id)
 

@@ -420,15 +420,22 @@ class EncoderStream(StreamWorker):
         self.generation += 1
         self.lock.notify()
 
+    def release_resource(self, resource: Resource) -> None:
+        """Unmap a resource now, or once the picture being read from it is read."""
+        job = self.reading
+        if job is not None and resource is job.resource:
+            job.release = True
+        else:
+            resource.release()
+
+    def _release(self, resources: dict[int, Resource]) -> None:
+        for res in resources.values():
+            self.release_resource(res)
+        resources.clear()
+
     def destroy_resources(self, queue_type: int) -> None:
         self.clear(queue_type)
-        job = self.reading
-        for res in self.resources[queue_type].values():
-            if job is not None and res is job.resource:
-                job.release = True          # unmapped by the worker once read
-            else:
-                res.release()
-        self.resources[queue_type].clear()
+        self._release(self.resources[queue_type])
 
     def destroy(self) -> None:
         for queue_type in (p.QueueType.INPUT, p.QueueType.OUTPUT):
@@ -448,14 +455,8 @@ class EncoderStream(StreamWorker):
         self.packets.clear()
         self.drain = None
         self.deferred.clear()
-        job = self.reading
         for resources in self.resources.values():
-            for res in resources.values():
-                if job is not None and res is job.resource:
-                    job.release = True
-                else:
-                    res.release()
-            resources.clear()
+            self._release(resources)
         self.lock.notify()
 
     def answer_later(self, request: Request, data: bytes) -> bool:
@@ -537,7 +538,7 @@ class EncoderStream(StreamWorker):
         picture, error = None, None
         if not job.cancelled:
             try:
-                picture = session.take(self._image(job))
+                picture = self._take(session, job)
             except ValueError as e:        # planes beyond the buffer
                 error = str(e)
         with self.lock:
@@ -555,16 +556,22 @@ class EncoderStream(StreamWorker):
             packets += self._engine(session.encode, picture, job.timestamp, job.keyframe)
         return packets
 
-    def _image(self, job: PictureJob) -> RawImage:
+    def _take(self, session: EncodeSession, job: PictureJob) -> Any:
+        """Read the job's picture into the session's own (one pass over
+        guest memory where the buffer is one chunk, a gathering copy first
+        where it is scattered); nothing refers to the guest buffer after."""
         fmt, width, height, layout = job.image
         resource = job.resource
         view = resource.contiguous_view()
         if view is not None:
             data = np.frombuffer(view, np.uint8)
-        else:                               # scattered pages: one gathering copy
+        else:
             data = np.frombuffer(resource.read(resource.size), np.uint8)
-        self._keep = data                   # alive until the next picture
-        return RawImage(p.Format(fmt), width, height, data.ctypes.data, data.nbytes, layout)
+        try:
+            return session.take(RawImage(p.Format(fmt), width, height, data.ctypes.data,
+                                         data.nbytes, layout))
+        finally:
+            del data                    # the view's export ends with the read
 
     def _engine(self, call: Callable[..., Any], *args: Any) -> Any:
         """Call the engine.  An engine error fails the stream (an ERROR
