@@ -24,7 +24,8 @@ from the host's ``linux-kbuild`` package (Multi-Arch: foreign: Debian's way of
 building modules for another architecture against its headers), with the
 cross compiler the headers name (aarch64-linux-gnu-gcc-12 for arm64).  The
 project's own V4L2 clients, the decoder (guest/v4l2_decode.c) and the encoder
-(guest/v4l2_encode.c), are built static.
+(guest/v4l2_encode.c), both with the code they share (guest/v4l2_common.h),
+are built static.
 
 Output, cached by the package versions and the hash of everything above::
 
@@ -69,6 +70,8 @@ DRIVER_PATCH = REPO / "guest" / "patches" / "virtio-video-linux-6.12.patch"
 # The project's V4L2 clients: /usr/bin/<name> in the guest, from guest/<source>.
 CLIENTS = {"pyemb-v4l2-decode": REPO / "guest" / "v4l2_decode.c",
            "pyemb-v4l2-encode": REPO / "guest" / "v4l2_encode.c"}
+# What every client includes (from its own folder: no -I); part of the cache key.
+CLIENT_SHARED = [REPO / "guest" / "v4l2_common.h"]
 # Host programs copied in with the libraries they need (ci/setup-host.sh
 # installs their packages: v4l-utils, gstreamer1.0-tools, -plugins-good/-bad;
 # -plugins-base, for videotestsrc and videoconvertscale, comes with -good).
@@ -397,10 +400,14 @@ def target_libs(root: Path, arch: Arch, binaries: list[Path]) -> dict[str, Path]
 
 
 def build_client(arch: Arch, tmp: Path, name: str) -> bytes:
-    """One of the project's V4L2 clients (CLIENTS), static, for the guest."""
+    """One of the project's V4L2 clients (CLIENTS), static, for the guest: one
+    gcc command, the source including CLIENT_SHARED from beside it."""
     out = tmp / name
-    run(f"{arch.cross}gcc", "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(out),
-        str(CLIENTS[name]))
+    try:
+        run(f"{arch.cross}gcc", "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o",
+            str(out), str(CLIENTS[name]))
+    except subprocess.CalledProcessError as e:
+        sys.exit(f"build_guest: building {name} failed:\n{e.stderr}")
     return out.read_bytes()
 
 
@@ -496,7 +503,8 @@ def main() -> None:
     key_src += "".join(f"{p}={v}" for p, v in candidates(guest_packages(arch)).items()).encode()
     # In an order that does not depend on where the checkout is, so that
     # every checkout of the same sources shares one cached guest.
-    for path in [*sorted(VIDEO_DRIVER.rglob("*")), DRIVER_PATCH, *CLIENTS.values()]:
+    for path in [*sorted(VIDEO_DRIVER.rglob("*")), DRIVER_PATCH, *CLIENTS.values(),
+                 *CLIENT_SHARED]:
         if path.is_file():
             key_src += path.read_bytes()
     key_src += v4l2_compliance(arch).name.encode()        # its version and script hash

@@ -54,38 +54,21 @@
  * Everything else (progress, errors) goes to stderr.
  *
  * Build: gcc -static -O2 -Wall -Wextra -Werror -o pyemb-v4l2-decode v4l2_decode.c
+ * (with v4l2_common.h beside it: what it shares with pyemb-v4l2-encode)
  *
  * SPDX-License-Identifier: GPL-2.0-or-later
  */
 
-#include <errno.h>
-#include <fcntl.h>
 #include <getopt.h>
 #include <inttypes.h>
-#include <poll.h>
-#include <stdarg.h>
-#include <stdbool.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/ioctl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <time.h>
-#include <unistd.h>
-
-#include <linux/videodev2.h>
 
 #define PROG "pyemb-v4l2-decode"
+#include "v4l2_common.h"
 
 #define OUTPUT_BUFFERS 8            /* bitstream buffers in flight */
 #define OUTPUT_MIN_SIZEIMAGE (1u << 20)
 #define CAPTURE_EXTRA 4             /* beyond the decoder's minimum: slack for us */
-#define MAX_BUFFERS 64
-#define IDLE_TIMEOUT_MS 20000       /* nothing at all happened: fail, do not hang */
 #define RECORD_STEP_US 40000        /* timestamp of record i: i * RECORD_STEP_US */
-#define MAX_PLANES 3                /* Y, U, V */
 
 /* One access unit of the input file. */
 struct record {
@@ -99,36 +82,6 @@ struct frames_file {
     struct record *records;
     unsigned count;
     uint32_t largest;
-};
-
-struct buffer {
-    uint8_t *mem;
-    size_t length;
-    bool queued;                    /* owned by the driver */
-};
-
-struct queue {
-    enum v4l2_buf_type type;
-    const char *name;               /* "OUTPUT" or "CAPTURE", for messages */
-    struct buffer bufs[MAX_BUFFERS];
-    unsigned count;
-    unsigned queued;
-    bool streaming;
-};
-
-/* A raw picture format, and where its visible rectangle lies. */
-struct pic_format {
-    uint32_t fourcc;
-    uint32_t width, height;         /* coded size: height is the luma plane's rows */
-    uint32_t bytesperline;          /* luma stride; chroma strides derive from it */
-    uint32_t sizeimage;
-    uint32_t num_planes;            /* memory planes */
-    struct v4l2_rect visible;
-};
-
-/* The visible part of one plane inside a buffer. */
-struct plane_span {
-    size_t offset, stride, row_bytes, rows;
 };
 
 struct options {
@@ -165,70 +118,6 @@ struct decoder {
     unsigned long pictures;
 };
 
-/* ---- messages and ioctls ---- */
-
-static void note(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static void error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-
-static void vmessage(const char *prefix, const char *fmt, va_list ap)
-{
-    fprintf(stderr, PROG ": %s", prefix);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
-}
-
-static void note(const char *fmt, ...)
-{
-    va_list ap;
-
-    va_start(ap, fmt);
-    vmessage("", fmt, ap);
-    va_end(ap);
-}
-
-static void error(const char *fmt, ...)
-{
-    va_list ap;
-
-    va_start(ap, fmt);
-    vmessage("error: ", fmt, ap);
-    va_end(ap);
-}
-
-/* A fourcc as text, e.g. "NV12"; the buffer must hold 5 bytes. */
-static const char *fourcc_str(uint32_t f, char *s)
-{
-    for (int i = 0; i < 4; i++) {
-        unsigned c = (f >> (8 * i)) & 0xff;
-        s[i] = (c >= 32 && c < 127) ? (char)c : '?';
-    }
-    s[4] = '\0';
-    return s;
-}
-
-static int xioctl(int fd, unsigned long request, void *arg)
-{
-    int r;
-
-    do {
-        r = ioctl(fd, request, arg);
-    } while (r < 0 && errno == EINTR);
-    return r;
-}
-
-/* An ioctl that must succeed; on failure it says which one, on what, and why. */
-#define IOCTL(fd, request, arg, what) checked_ioctl(fd, request, #request, arg, what)
-
-static int checked_ioctl(int fd, unsigned long request, const char *name,
-                         void *arg, const char *what)
-{
-    if (xioctl(fd, request, arg) == 0) {
-        return 0;
-    }
-    error("%s (%s) failed: %s (errno %d)", name, what, strerror(errno), errno);
-    return -1;
-}
-
 /* ---- CRC-32 (IEEE 802.3, as zlib.crc32) ---- */
 
 static uint32_t crc_table[256];
@@ -260,50 +149,28 @@ static uint32_t crc32_update(uint32_t crc, const uint8_t *p, size_t n)
  * single-buffer layout: the luma plane is bytesperline * height bytes, then
  * NV12's interleaved CbCr plane with the same stride, or YU12's Cb then Cr
  * planes with half the stride and half the rows (rounded up).  The packed
- * picture is these spans' rows back to back: NV12 chroma rows are the
- * visible width rounded up to even (a whole CbCr pair per pixel pair).
+ * picture is these spans' rows back to back (packed_planes()): NV12 chroma
+ * rows are the visible width rounded up to even (a whole CbCr pair per pixel
+ * pair).
  */
 static unsigned visible_planes(const struct pic_format *f, struct plane_span p[MAX_PLANES])
 {
-    size_t bpl = f->bytesperline, luma_size = bpl * f->height;
-    size_t left = (size_t)f->visible.left, top = (size_t)f->visible.top;
-    size_t w = f->visible.width, h = f->visible.height;
-    size_t chroma_rows = (h + 1) / 2;
-
-    p[0] = (struct plane_span){ top * bpl + left, bpl, w, h };
-    if (f->fourcc == V4L2_PIX_FMT_NV12) {
-        p[1] = (struct plane_span){ luma_size + top / 2 * bpl + (left & ~(size_t)1),
-                                    bpl, (w + 1) & ~(size_t)1, chroma_rows };
-        return 2;
-    }
-    size_t cbpl = (bpl + 1) / 2, cplane = cbpl * ((f->height + 1) / 2);
-    size_t coff = top / 2 * cbpl + left / 2, cw = (w + 1) / 2;
-    p[1] = (struct plane_span){ luma_size + coff, cbpl, cw, chroma_rows };
-    p[2] = (struct plane_span){ luma_size + cplane + coff, cbpl, cw, chroma_rows };
-    return 3;
+    return frame_planes(f->fourcc, f->bytesperline, f->height, (size_t)f->visible.left,
+                        (size_t)f->visible.top, f->visible.width, f->visible.height, p);
 }
 
 static size_t packed_size(const struct pic_format *f)
 {
     struct plane_span p[MAX_PLANES];
-    unsigned n = visible_planes(f, p);
-    size_t size = 0;
+    unsigned n = packed_planes(f->fourcc, f->visible.width, f->visible.height, p);
 
-    for (unsigned i = 0; i < n; i++) {
-        size += p[i].row_bytes * p[i].rows;
-    }
-    return size;
+    return planes_extent(p, n);
 }
 
 /* Bytes of the whole frame in V4L2's layout: what sizeimage should be. */
 static size_t layout_size(const struct pic_format *f)
 {
-    size_t bpl = f->bytesperline, rows = f->height, chroma_rows = (rows + 1) / 2;
-
-    if (f->fourcc == V4L2_PIX_FMT_NV12) {
-        return bpl * rows + bpl * chroma_rows;
-    }
-    return bpl * rows + 2 * ((bpl + 1) / 2) * chroma_rows;
+    return (size_t)layout_bytes(f->fourcc, f->bytesperline, f->height);
 }
 
 /* How many bytes of a buffer packing reads: it must not exceed its length. */
@@ -311,46 +178,28 @@ static size_t packed_extent(const struct pic_format *f)
 {
     struct plane_span p[MAX_PLANES];
     unsigned n = visible_planes(f, p);
-    size_t end = 0;
 
-    for (unsigned i = 0; i < n; i++) {
-        size_t e = p[i].offset + (p[i].rows - 1) * p[i].stride + p[i].row_bytes;
-        end = e > end ? e : end;
-    }
-    return end;
+    return planes_extent(p, n);
 }
 
 static void pack_picture(const struct pic_format *f, const uint8_t *buf, uint8_t *out)
 {
-    struct plane_span p[MAX_PLANES];
-    unsigned n = visible_planes(f, p);
+    struct plane_span visible[MAX_PLANES], packed[MAX_PLANES];
+    unsigned n = visible_planes(f, visible);
 
-    for (unsigned i = 0; i < n; i++) {
-        for (size_t r = 0; r < p[i].rows; r++) {
-            memcpy(out, buf + p[i].offset + r * p[i].stride, p[i].row_bytes);
-            out += p[i].row_bytes;
-        }
-    }
+    packed_planes(f->fourcc, f->visible.width, f->visible.height, packed);
+    copy_picture(packed, visible, n, out, buf);
 }
 
 /* ---- the input file ---- */
 
-static uint32_t le32(const uint8_t *p)
-{
-    return p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
 static int read_whole_file(const char *path, uint8_t **bytes, size_t *len)
 {
     struct stat st;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd = open_input(path, &st);
     size_t done = 0;
 
-    if (fd < 0 || fstat(fd, &st) < 0) {
-        error("cannot read %s: %s", path, strerror(errno));
-        if (fd >= 0) {
-            close(fd);
-        }
+    if (fd < 0) {
         return -1;
     }
     *len = (size_t)st.st_size;
@@ -426,32 +275,19 @@ static int load_frames_file(const char *path, struct frames_file *ff)
 
 /* ---- finding the decoder ---- */
 
-static bool offers_output_format(int fd, enum v4l2_buf_type type, uint32_t fourcc)
+/*
+ * Is fd a m2m node whose OUTPUT queue takes the stream's coded format?  Sets
+ * the API to use.
+ */
+static bool is_decoder_for(int fd, void *ctx)
 {
-    struct v4l2_fmtdesc desc = { .type = type };
-
-    for (desc.index = 0; desc.index < 64; desc.index++) {
-        if (xioctl(fd, VIDIOC_ENUM_FMT, &desc) < 0) {
-            return false;
-        }
-        if (desc.pixelformat == fourcc) {
-            return true;
-        }
-    }
-    return false;
-}
-
-/* Is fd a m2m node whose OUTPUT queue takes `coded`?  Sets the API to use. */
-static bool is_decoder_for(struct decoder *d, int fd, uint32_t coded)
-{
+    struct decoder *d = ctx;
     struct v4l2_capability cap;
     uint32_t caps;
 
-    memset(&cap, 0, sizeof(cap));
-    if (xioctl(fd, VIDIOC_QUERYCAP, &cap) < 0) {
+    if (query_caps(fd, &cap, &caps) < 0) {
         return false;
     }
-    caps = (cap.capabilities & V4L2_CAP_DEVICE_CAPS) ? cap.device_caps : cap.capabilities;
     if (caps & V4L2_CAP_VIDEO_M2M_MPLANE) {
         d->mplane = true;
     } else if (caps & V4L2_CAP_VIDEO_M2M) {
@@ -459,8 +295,8 @@ static bool is_decoder_for(struct decoder *d, int fd, uint32_t coded)
     } else {
         return false;
     }
-    if (!offers_output_format(fd, d->mplane ? V4L2_BUF_TYPE_VIDEO_OUTPUT_MPLANE
-                                            : V4L2_BUF_TYPE_VIDEO_OUTPUT, coded)) {
+    if (!offers_format(fd, d->mplane ? V4L2_BUF_TYPE_VIDEO_OUTPUT_MPLANE
+                                     : V4L2_BUF_TYPE_VIDEO_OUTPUT, d->in.fourcc, NULL, 0)) {
         return false;
     }
     /* The only driver known to skip LAST on a resolution change. */
@@ -470,28 +306,13 @@ static bool is_decoder_for(struct decoder *d, int fd, uint32_t coded)
     return true;
 }
 
-/* Opens path if it is a decoder for the stream's format; the fd, else -1. */
-static int try_decoder(struct decoder *d, const char *path)
-{
-    /* Non-blocking: DQBUF and DQEVENT say "nothing" instead of waiting. */
-    int fd = open(path, O_RDWR | O_NONBLOCK | O_CLOEXEC);
-
-    if (fd >= 0 && !is_decoder_for(d, fd, d->in.fourcc)) {
-        close(fd);
-        errno = ENODEV;
-        return -1;
-    }
-    return fd;
-}
-
 /* Opens --device, or the first /dev/videoN that decodes the stream's format. */
 static int open_decoder(struct decoder *d)
 {
-    char path[32], fcc[5];
+    char fcc[5];
 
-    fourcc_str(d->in.fourcc, fcc);
     if (d->opt.device) {
-        d->fd = try_decoder(d, d->opt.device);
+        d->fd = open_node(d->opt.device, is_decoder_for, d);
         if (d->fd < 0) {
             error("%s: %s", d->opt.device, errno == ENODEV
                   ? "not a V4L2 m2m decoder for this format" : strerror(errno));
@@ -499,37 +320,15 @@ static int open_decoder(struct decoder *d)
         }
         return 0;
     }
-    for (int i = 0; i < 64; i++) {
-        snprintf(path, sizeof(path), "/dev/video%d", i);
-        d->fd = try_decoder(d, path);
-        if (d->fd >= 0) {
-            note("using %s", path);
-            return 0;
-        }
+    d->fd = find_node(is_decoder_for, d);
+    if (d->fd < 0) {
+        error("no /dev/videoN decodes %s", fourcc_str(d->in.fourcc, fcc));
+        return -1;
     }
-    error("no /dev/videoN decodes %s", fcc);
-    return -1;
+    return 0;
 }
 
 /* ---- formats, through either API ---- */
-
-static struct pic_format pic_format_from(const struct decoder *d, const struct v4l2_format *f)
-{
-    struct pic_format pf = { 0 };
-
-    if (d->mplane) {
-        const struct v4l2_pix_format_mplane *mp = &f->fmt.pix_mp;
-        pf = (struct pic_format){ mp->pixelformat, mp->width, mp->height,
-                                  mp->plane_fmt[0].bytesperline,
-                                  mp->plane_fmt[0].sizeimage, mp->num_planes, { 0 } };
-    } else {
-        const struct v4l2_pix_format *sp = &f->fmt.pix;
-        pf = (struct pic_format){ sp->pixelformat, sp->width, sp->height,
-                                  sp->bytesperline, sp->sizeimage, 1, { 0 } };
-    }
-    pf.visible = (struct v4l2_rect){ 0, 0, pf.width, pf.height };
-    return pf;
-}
 
 static void set_pixelformat(const struct decoder *d, struct v4l2_format *f, uint32_t fourcc)
 {
@@ -562,7 +361,7 @@ static int set_output_format(struct decoder *d)
     if (IOCTL(d->fd, VIDIOC_S_FMT, &f, "OUTPUT")) {
         return -1;
     }
-    struct pic_format pf = pic_format_from(d, &f);
+    struct pic_format pf = pic_format_from(&f);
     if (pf.fourcc != d->in.fourcc || pf.num_planes != 1) {
         error("OUTPUT format %s (%u planes) instead of %s", fourcc_str(pf.fourcc, got),
               pf.num_planes, fourcc_str(d->in.fourcc, want));
@@ -622,23 +421,17 @@ static int read_capture_format(const struct decoder *d, struct pic_format *pf)
     if (IOCTL(d->fd, VIDIOC_G_FMT, &f, "CAPTURE")) {
         return -1;
     }
-    *pf = pic_format_from(d, &f);
+    *pf = pic_format_from(&f);
     read_visible_rect(d, pf);
     return 0;
 }
 
 static int check_capture_format_offered(const struct decoder *d, uint32_t fourcc)
 {
-    struct v4l2_fmtdesc desc = { .type = d->cap.type };
-    char offered[256] = "", s[5];
+    char offered[256], s[5];
 
-    for (desc.index = 0; desc.index < 64 && xioctl(d->fd, VIDIOC_ENUM_FMT, &desc) == 0;
-         desc.index++) {
-        if (desc.pixelformat == fourcc) {
-            return 0;
-        }
-        size_t used = strlen(offered);
-        snprintf(offered + used, sizeof(offered) - used, " %s", fourcc_str(desc.pixelformat, s));
+    if (offers_format(d->fd, d->cap.type, fourcc, offered, sizeof(offered))) {
+        return 0;
     }
     error("the decoder offers no %s CAPTURE format for this stream (offers:%s)",
           fourcc_str(fourcc, s), offered);
@@ -672,160 +465,11 @@ static int set_capture_format(struct decoder *d)
     return 0;
 }
 
-/* ---- buffers ---- */
-
-/* A v4l2_buffer for buffer `index` of q, with its one plane when multi-planar. */
-static void buffer_init(const struct decoder *d, const struct queue *q, unsigned index,
-                        struct v4l2_buffer *v, struct v4l2_plane *plane)
-{
-    memset(v, 0, sizeof(*v));
-    memset(plane, 0, sizeof(*plane));
-    v->type = q->type;
-    v->memory = V4L2_MEMORY_MMAP;
-    v->index = index;
-    if (d->mplane) {
-        v->m.planes = plane;
-        v->length = 1;
-    }
-}
-
-static uint32_t buffer_bytesused(const struct decoder *d, const struct v4l2_buffer *v)
-{
-    return d->mplane ? v->m.planes[0].bytesused : v->bytesused;
-}
-
-static int map_buffer(struct decoder *d, struct queue *q, unsigned i)
-{
-    struct v4l2_buffer v;
-    struct v4l2_plane plane;
-    int prot = V4L2_TYPE_IS_OUTPUT(q->type) ? PROT_READ | PROT_WRITE : PROT_READ;
-
-    buffer_init(d, q, i, &v, &plane);
-    if (IOCTL(d->fd, VIDIOC_QUERYBUF, &v, q->name)) {
-        return -1;
-    }
-    size_t length = d->mplane ? plane.length : v.length;
-    off_t offset = d->mplane ? plane.m.mem_offset : v.m.offset;
-    void *mem = mmap(NULL, length, prot, MAP_SHARED, d->fd, offset);
-    if (mem == MAP_FAILED) {
-        error("mmap of %s buffer %u failed: %s", q->name, i, strerror(errno));
-        return -1;
-    }
-    q->bufs[i] = (struct buffer){ mem, length, false };
-    return 0;
-}
-
-/* REQBUFS(count, MMAP) and map every buffer. */
-static int allocate_buffers(struct decoder *d, struct queue *q, unsigned count)
-{
-    struct v4l2_requestbuffers rb = { .count = count, .type = q->type,
-                                      .memory = V4L2_MEMORY_MMAP };
-
-    if (IOCTL(d->fd, VIDIOC_REQBUFS, &rb, q->name)) {
-        return -1;
-    }
-    if (rb.count == 0 || rb.count > MAX_BUFFERS) {
-        error("REQBUFS(%s) gave %u buffers", q->name, rb.count);
-        return -1;
-    }
-    q->count = 0;
-    for (unsigned i = 0; i < rb.count; i++) {
-        if (map_buffer(d, q, i)) {
-            return -1;
-        }
-        q->count++;
-    }
-    q->queued = 0;
-    return 0;
-}
-
-static int free_buffers(struct decoder *d, struct queue *q)
-{
-    struct v4l2_requestbuffers rb = { .count = 0, .type = q->type,
-                                      .memory = V4L2_MEMORY_MMAP };
-
-    for (unsigned i = 0; i < q->count; i++) {
-        munmap(q->bufs[i].mem, q->bufs[i].length);
-    }
-    q->count = 0;
-    q->queued = 0;
-    return IOCTL(d->fd, VIDIOC_REQBUFS, &rb, q->name);
-}
-
-static int queue_buffer(struct decoder *d, struct queue *q, unsigned i,
-                        uint32_t bytesused, uint64_t timestamp_us)
-{
-    struct v4l2_buffer v;
-    struct v4l2_plane plane;
-
-    buffer_init(d, q, i, &v, &plane);
-    if (d->mplane) {
-        plane.bytesused = bytesused;
-    } else {
-        v.bytesused = bytesused;
-    }
-    v.timestamp.tv_sec = (time_t)(timestamp_us / 1000000);
-    v.timestamp.tv_usec = (suseconds_t)(timestamp_us % 1000000);
-    if (IOCTL(d->fd, VIDIOC_QBUF, &v, q->name)) {
-        return -1;
-    }
-    q->bufs[i].queued = true;
-    q->queued++;
-    return 0;
-}
-
-/* One done buffer of q into v: 1 if there was one, 0 if none, -1 on error. */
-static int dequeue_buffer(struct decoder *d, struct queue *q,
-                          struct v4l2_buffer *v, struct v4l2_plane *plane)
-{
-    buffer_init(d, q, 0, v, plane);
-    if (xioctl(d->fd, VIDIOC_DQBUF, v) < 0) {
-        if (errno == EAGAIN) {
-            return 0;
-        }
-        error("VIDIOC_DQBUF (%s) failed: %s (errno %d)", q->name, strerror(errno), errno);
-        return -1;
-    }
-    if (v->index >= q->count) {
-        error("VIDIOC_DQBUF (%s) gave buffer %u of %u", q->name, v->index, q->count);
-        return -1;
-    }
-    q->bufs[v->index].queued = false;
-    q->queued--;
-    return 1;
-}
-
-static int stream(struct decoder *d, struct queue *q, bool on)
-{
-    int type = q->type;
-
-    if (on ? IOCTL(d->fd, VIDIOC_STREAMON, &type, q->name)
-           : IOCTL(d->fd, VIDIOC_STREAMOFF, &type, q->name)) {
-        return -1;
-    }
-    q->streaming = on;
-    if (!on) {
-        /* STREAMOFF hands every buffer back to us. */
-        for (unsigned i = 0; i < q->count; i++) {
-            q->bufs[i].queued = false;
-        }
-        q->queued = 0;
-    }
-    return 0;
-}
-
 /* ---- initialization and capture setup ---- */
-
-static int subscribe(struct decoder *d, uint32_t type, const char *name)
-{
-    struct v4l2_event_subscription sub = { .type = type };
-
-    return IOCTL(d->fd, VIDIOC_SUBSCRIBE_EVENT, &sub, name);
-}
 
 static int setup_output(struct decoder *d)
 {
-    if (set_output_format(d) || allocate_buffers(d, &d->out, OUTPUT_BUFFERS)) {
+    if (set_output_format(d) || allocate_buffers(d->fd, &d->out, OUTPUT_BUFFERS)) {
         return -1;
     }
     for (unsigned i = 0; i < d->out.count; i++) {
@@ -835,22 +479,11 @@ static int setup_output(struct decoder *d)
             return -1;
         }
     }
-    if (subscribe(d, V4L2_EVENT_SOURCE_CHANGE, "SOURCE_CHANGE") ||
-        subscribe(d, V4L2_EVENT_EOS, "EOS")) {
+    if (subscribe(d->fd, V4L2_EVENT_SOURCE_CHANGE, "SOURCE_CHANGE") ||
+        subscribe(d->fd, V4L2_EVENT_EOS, "EOS")) {
         return -1;
     }
-    return stream(d, &d->out, true);
-}
-
-static unsigned min_capture_buffers(struct decoder *d)
-{
-    struct v4l2_control ctrl = { .id = V4L2_CID_MIN_BUFFERS_FOR_CAPTURE };
-
-    if (xioctl(d->fd, VIDIOC_G_CTRL, &ctrl) < 0 || ctrl.value < 1) {
-        note("no V4L2_CID_MIN_BUFFERS_FOR_CAPTURE: assuming 1");
-        return 1;
-    }
-    return (unsigned)ctrl.value;
+    return stream(d->fd, &d->out, true);
 }
 
 /* Prints RESCHANGE when pictures of a new visible size start. */
@@ -866,7 +499,7 @@ static void show_geometry(struct decoder *d, const struct pic_format *f)
 
 static int allocate_capture(struct decoder *d)
 {
-    unsigned min = min_capture_buffers(d);
+    unsigned min = MIN_BUFFERS(d->fd, V4L2_CID_MIN_BUFFERS_FOR_CAPTURE);
     unsigned count = min + CAPTURE_EXTRA < MAX_BUFFERS ? min + CAPTURE_EXTRA : MAX_BUFFERS;
     size_t extent = packed_extent(&d->fmt);
 
@@ -875,7 +508,7 @@ static int allocate_capture(struct decoder *d)
         note("CAPTURE sizeimage %u is not the %zu bytes of V4L2's layout: "
              "pictures may be misread", d->fmt.sizeimage, layout_size(&d->fmt));
     }
-    if (allocate_buffers(d, &d->cap, count)) {
+    if (allocate_buffers(d->fd, &d->cap, count)) {
         return -1;
     }
     for (unsigned i = 0; i < d->cap.count; i++) {
@@ -899,12 +532,12 @@ static int setup_capture(struct decoder *d)
         return -1;
     }
     for (unsigned i = 0; i < d->cap.count; i++) {
-        if (queue_buffer(d, &d->cap, i, 0, 0)) {
+        if (queue_buffer(d->fd, &d->cap, i, 0, 0)) {
             return -1;
         }
     }
     show_geometry(d, &d->fmt);
-    return stream(d, &d->cap, true);
+    return stream(d->fd, &d->cap, true);
 }
 
 /* After a resolution change: drop the CAPTURE buffers and set up anew. */
@@ -913,7 +546,7 @@ static int reconfigure_capture(struct decoder *d)
     d->reschange_pending = false;
     d->last_dequeued = false;
     d->have_next_fmt = false;
-    if (stream(d, &d->cap, false) || free_buffers(d, &d->cap)) {
+    if (stream(d->fd, &d->cap, false) || free_buffers(d->fd, &d->cap)) {
         return -1;
     }
     return setup_capture(d);
@@ -974,9 +607,9 @@ static int emit_picture(struct decoder *d, const struct v4l2_buffer *v)
 {
     const struct buffer *b = &d->cap.bufs[v->index];
     const struct pic_format *f;
-    uint64_t ts = (uint64_t)v->timestamp.tv_sec * 1000000 + (uint64_t)v->timestamp.tv_usec;
+    uint64_t ts = buffer_timestamp_us(v);
 
-    if (picture_format(d, buffer_bytesused(d, v), b->length, &f)) {
+    if (picture_format(d, buffer_bytesused(v), b->length, &f)) {
         return -1;
     }
     if (d->opt.unread) {            /* what a player handing buffers on costs */
@@ -1024,7 +657,7 @@ static int handle_capture_buffer(struct decoder *d, const struct v4l2_buffer *v)
     if (v->flags & V4L2_BUF_FLAG_ERROR) {
         note("CAPTURE buffer %u came back with ERROR (timestamp %ld.%06ld)",
              v->index, (long)v->timestamp.tv_sec, (long)v->timestamp.tv_usec);
-    } else if (buffer_bytesused(d, v) > 0 && emit_picture(d, v)) {
+    } else if (buffer_bytesused(v) > 0 && emit_picture(d, v)) {
         return -1;
     }
     if (d->opt.max_frames && d->pictures >= (unsigned long)d->opt.max_frames) {
@@ -1034,7 +667,7 @@ static int handle_capture_buffer(struct decoder *d, const struct v4l2_buffer *v)
     if (v->flags & V4L2_BUF_FLAG_LAST) {
         return on_last_buffer(d);
     }
-    return queue_buffer(d, &d->cap, v->index, 0, 0);
+    return queue_buffer(d->fd, &d->cap, v->index, 0, 0);
 }
 
 static int dequeue_capture(struct decoder *d)
@@ -1045,7 +678,7 @@ static int dequeue_capture(struct decoder *d)
 
     /* After LAST, DQBUF would only say EPIPE. */
     while (d->cap.streaming && !d->last_dequeued && !d->finished) {
-        got = dequeue_buffer(d, &d->cap, &v, &plane);
+        got = dequeue_buffer(d->fd, &d->cap, &v, &plane);
         if (got <= 0) {
             return got;
         }
@@ -1054,21 +687,6 @@ static int dequeue_capture(struct decoder *d)
         }
     }
     return 0;
-}
-
-static int dequeue_output(struct decoder *d)
-{
-    struct v4l2_buffer v;
-    struct v4l2_plane plane;
-    int got;
-
-    while ((got = dequeue_buffer(d, &d->out, &v, &plane)) > 0) {
-        if (v.flags & V4L2_BUF_FLAG_ERROR) {
-            note("OUTPUT buffer of timestamp %ld.%06ld came back with ERROR",
-                 (long)v.timestamp.tv_sec, (long)v.timestamp.tv_usec);
-        }
-    }
-    return got;
 }
 
 /* ---- events ---- */
@@ -1104,8 +722,9 @@ static int on_source_change(struct decoder *d)
 static int handle_events(struct decoder *d)
 {
     struct v4l2_event ev;
+    int got;
 
-    while (xioctl(d->fd, VIDIOC_DQEVENT, &ev) == 0) {
+    while ((got = dequeue_event(d->fd, &ev)) > 0) {
         if (ev.type == V4L2_EVENT_EOS) {
             d->eos_event = true;
         } else if (ev.type == V4L2_EVENT_SOURCE_CHANGE && on_source_change(d)) {
@@ -1115,31 +734,17 @@ static int handle_events(struct decoder *d)
             return 0;
         }
     }
-    if (errno != ENOENT) {
-        error("VIDIOC_DQEVENT failed: %s (errno %d)", strerror(errno), errno);
-        return -1;
-    }
-    return 0;
+    return got;
 }
 
 /* ---- feeding, seeking, draining ---- */
-
-static int free_buffer(const struct queue *q)
-{
-    for (unsigned i = 0; i < q->count; i++) {
-        if (!q->bufs[i].queued) {
-            return (int)i;
-        }
-    }
-    return -1;
-}
 
 static int queue_record(struct decoder *d, unsigned index, unsigned rec)
 {
     const struct record *r = &d->in.records[rec];
 
     memcpy(d->out.bufs[index].mem, r->data, r->size);
-    return queue_buffer(d, &d->out, index, r->size, (uint64_t)rec * RECORD_STEP_US);
+    return queue_buffer(d->fd, &d->out, index, r->size, (uint64_t)rec * RECORD_STEP_US);
 }
 
 static bool seek_due(const struct decoder *d)
@@ -1151,7 +756,7 @@ static bool seek_due(const struct decoder *d)
 /* Seek: STREAMOFF(OUTPUT) drops what is queued, STREAMON, go on from M. */
 static int seek(struct decoder *d)
 {
-    if (stream(d, &d->out, false) || stream(d, &d->out, true)) {
+    if (stream(d->fd, &d->out, false) || stream(d->fd, &d->out, true)) {
         return -1;
     }
     d->seek_done = true;
@@ -1228,45 +833,23 @@ static const char *waiting_for(const struct decoder *d)
     return "decoded pictures or free OUTPUT buffers";
 }
 
-static short poll_events(const struct decoder *d)
-{
-    short events = POLLPRI;
-
-    /* Ask only about queues that hold buffers: for idle ones the m2m poll says POLLERR. */
-    if (d->out.queued > 0) {
-        events |= POLLOUT;
-    }
-    if (d->cap.streaming && !d->last_dequeued) {
-        events |= POLLIN;
-    }
-    return events;
-}
-
 static int wait_and_handle(struct decoder *d)
 {
-    struct pollfd p = { .fd = d->fd, .events = poll_events(d) };
-    int n = poll(&p, 1, IDLE_TIMEOUT_MS);
+    short revents = 0;
+    int got = poll_node(d->fd, poll_events(&d->out, &d->cap, d->last_dequeued), &revents);
 
-    if (n < 0) {
-        if (errno == EINTR) {
-            return 0;
-        }
-        error("poll failed: %s", strerror(errno));
-        return -1;
-    }
-    if (n == 0) {
+    if (got == POLL_IDLE) {
         error("nothing happened for %d s while waiting for %s (%u of %u records queued, "
               "%u OUTPUT buffers with the driver)", IDLE_TIMEOUT_MS / 1000, waiting_for(d),
               d->next_record, d->in.count, d->out.queued);
         return -1;
     }
-    if (p.revents & POLLERR) {
-        error("poll says POLLERR: the driver failed the queues (a device error?)");
-        return -1;
+    if (got <= 0) {
+        return got;
     }
-    if (((p.revents & POLLPRI) && handle_events(d)) ||
-        ((p.revents & POLLOUT) && dequeue_output(d)) ||
-        ((p.revents & POLLIN) && dequeue_capture(d))) {
+    if (((revents & POLLPRI) && handle_events(d)) ||
+        ((revents & POLLOUT) && dequeue_output(d->fd, &d->out, NULL)) ||
+        ((revents & POLLIN) && dequeue_capture(d))) {
         return -1;
     }
     return 0;
@@ -1301,11 +884,6 @@ static int decode(struct decoder *d)
 }
 
 /* ---- self-test of the packing and the CRC (runs anywhere) ---- */
-
-static uint8_t pattern(unsigned plane, size_t row, size_t col)
-{
-    return (uint8_t)((plane * 101 + row * 31 + col * 7 + 3) & 0xff);
-}
 
 /*
  * A 7x5 picture at (2,2) in a 16x9 frame with bytesperline 16, padding 0xee.
@@ -1370,15 +948,6 @@ static void usage(FILE *to)
             "  --selftest        check the CRC and the picture packing, then exit\n");
 }
 
-static int parse_number(const char *s, long *v)
-{
-    char *end;
-
-    errno = 0;
-    *v = strtol(s, &end, 10);
-    return (errno || end == s || *end || *v < 0) ? -1 : 0;
-}
-
 static int parse_seek(const char *s, struct options *o)
 {
     char *colon = strchr(s, ':');
@@ -1389,18 +958,6 @@ static int parse_seek(const char *s, struct options *o)
     *colon = '\0';
     return (parse_number(s, &o->seek_at) || parse_number(colon + 1, &o->seek_to) ||
             o->seek_at < 1) ? -1 : 0;
-}
-
-static int parse_format(const char *s, uint32_t *fourcc)
-{
-    if (strcmp(s, "NV12") == 0) {
-        *fourcc = V4L2_PIX_FMT_NV12;
-    } else if (strcmp(s, "YU12") == 0) {
-        *fourcc = V4L2_PIX_FMT_YUV420;
-    } else {
-        return -1;
-    }
-    return 0;
 }
 
 /* Returns 0 to run, 1 for --selftest, -1 on a usage error. */
@@ -1470,7 +1027,7 @@ int main(int argc, char **argv)
     rc = decode(&d) ? 1 : 0;
     clock_gettime(CLOCK_MONOTONIC, &end);
     printf("DONE pictures=%lu rc=%d seconds=%.3f\n", d.pictures, rc,
-           (double)(end.tv_sec - start.tv_sec) + (end.tv_nsec - start.tv_nsec) / 1e9);
+           seconds_between(&start, &end));
     /* Closing the node stops both queues and frees every buffer. */
     if (d.fd >= 0) {
         close(d.fd);

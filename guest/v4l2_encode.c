@@ -63,73 +63,27 @@
  * Everything else (progress, warnings, errors) goes to stderr.
  *
  * Build: gcc -static -O2 -Wall -Wextra -Werror -o pyemb-v4l2-encode v4l2_encode.c
+ * (with v4l2_common.h beside it: what it shares with pyemb-v4l2-decode)
  *
  * SPDX-License-Identifier: GPL-2.0-or-later
  */
 
-#include <errno.h>
-#include <fcntl.h>
 #include <getopt.h>
 #include <inttypes.h>
-#include <poll.h>
-#include <stdarg.h>
-#include <stdbool.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/ioctl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <time.h>
-#include <unistd.h>
 
-#include <linux/videodev2.h>
+#define PROG "pyemb-v4l2-encode"
+#include "v4l2_common.h"
 
 #ifndef V4L2_CTRL_CLASS_CODEC              /* headers before Linux 5.11 */
 #define V4L2_CTRL_CLASS_CODEC V4L2_CTRL_CLASS_MPEG
 #endif
 
-#define PROG "pyemb-v4l2-encode"
-
 #define OUTPUT_BUFFERS 4            /* raw pictures in flight, at least */
 #define CAPTURE_BUFFERS 4           /* coded buffers in flight */
 #define CAPTURE_MIN_SIZEIMAGE (64u << 10)
-#define MAX_BUFFERS 64
 #define MAX_CHANGES 256             /* --force-key and --bitrate-change entries */
-#define IDLE_TIMEOUT_MS 20000       /* nothing at all happened: fail, do not hang */
 #define PICTURE_STEP_US 33333       /* timestamp of picture i: i * PICTURE_STEP_US */
-#define MAX_PLANES 3                /* Y, U, V */
 #define DEFAULT_FPS 30
-
-/* A raw picture format as the driver reports it (one memory plane). */
-struct pic_format {
-    uint32_t fourcc;
-    uint32_t width, height;         /* coded size: height is the luma plane's rows */
-    uint32_t bytesperline;          /* luma stride; chroma strides derive from it */
-    uint32_t sizeimage;
-    uint32_t num_planes;            /* memory planes */
-};
-
-/* One plane of a picture: where its rows start, how far apart, how long. */
-struct plane_span {
-    size_t offset, stride, row_bytes, rows;
-};
-
-struct buffer {
-    uint8_t *mem;
-    size_t length;
-    bool queued;                    /* owned by the driver */
-};
-
-struct queue {
-    enum v4l2_buf_type type;
-    const char *name;               /* "OUTPUT" or "CAPTURE", for messages */
-    struct buffer bufs[MAX_BUFFERS];
-    unsigned count;
-    unsigned queued;
-    bool streaming;
-};
 
 /* A control to set just before queueing picture `at`. */
 struct change {
@@ -176,92 +130,7 @@ struct encoder {
     struct timespec start;          /* when we opened the node */
 };
 
-/* ---- messages and ioctls ---- */
-
-static void note(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static void warning(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static void error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-
-static void vmessage(const char *prefix, const char *fmt, va_list ap)
-{
-    fprintf(stderr, PROG ": %s", prefix);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
-}
-
-static void note(const char *fmt, ...)
-{
-    va_list ap;
-
-    va_start(ap, fmt);
-    vmessage("", fmt, ap);
-    va_end(ap);
-}
-
-static void warning(const char *fmt, ...)
-{
-    va_list ap;
-
-    va_start(ap, fmt);
-    vmessage("warning: ", fmt, ap);
-    va_end(ap);
-}
-
-static void error(const char *fmt, ...)
-{
-    va_list ap;
-
-    va_start(ap, fmt);
-    vmessage("error: ", fmt, ap);
-    va_end(ap);
-}
-
-/* A fourcc as text, e.g. "NV12"; the buffer must hold 5 bytes. */
-static const char *fourcc_str(uint32_t f, char *s)
-{
-    for (int i = 0; i < 4; i++) {
-        unsigned c = (f >> (8 * i)) & 0xff;
-        s[i] = (c >= 32 && c < 127) ? (char)c : '?';
-    }
-    s[4] = '\0';
-    return s;
-}
-
-static int xioctl(int fd, unsigned long request, void *arg)
-{
-    int r;
-
-    do {
-        r = ioctl(fd, request, arg);
-    } while (r < 0 && errno == EINTR);
-    return r;
-}
-
-/* An ioctl that must succeed; on failure it says which one, on what, and why. */
-#define IOCTL(fd, request, arg, what) checked_ioctl(fd, request, #request, arg, what)
-
-static int checked_ioctl(int fd, unsigned long request, const char *name,
-                         void *arg, const char *what)
-{
-    if (xioctl(fd, request, arg) == 0) {
-        return 0;
-    }
-    error("%s (%s) failed: %s (errno %d)", name, what, strerror(errno), errno);
-    return -1;
-}
-
 /* ---- picture layout ---- */
-
-/* Bytes of V4L2's 4:2:0 layout with `rows` luma rows of stride bpl. */
-static uint64_t layout_bytes(uint32_t fourcc, uint64_t bpl, uint64_t rows)
-{
-    uint64_t chroma_rows = (rows + 1) / 2;
-
-    if (fourcc == V4L2_PIX_FMT_NV12) {
-        return bpl * rows + bpl * chroma_rows;
-    }
-    return bpl * rows + 2 * ((bpl + 1) / 2) * chroma_rows;
-}
 
 /*
  * The rows of the luma plane in an OUTPUT buffer, which says where the
@@ -318,61 +187,7 @@ static size_t luma_plane_size(const struct pic_format *f)
 static unsigned buffer_planes(const struct pic_format *f, uint32_t w, uint32_t h,
                               struct plane_span p[MAX_PLANES])
 {
-    size_t bpl = f->bytesperline, rows = luma_rows(f), luma = bpl * rows;
-    size_t chroma_rows = ((size_t)h + 1) / 2;
-
-    p[0] = (struct plane_span){ 0, bpl, w, h };
-    if (f->fourcc == V4L2_PIX_FMT_NV12) {
-        p[1] = (struct plane_span){ luma, bpl, ((size_t)w + 1) & ~(size_t)1, chroma_rows };
-        return 2;
-    }
-    size_t cbpl = (bpl + 1) / 2, cw = ((size_t)w + 1) / 2;
-    p[1] = (struct plane_span){ luma, cbpl, cw, chroma_rows };
-    p[2] = (struct plane_span){ luma + cbpl * ((rows + 1) / 2), cbpl, cw, chroma_rows };
-    return 3;
-}
-
-/* The planes of a packed w x h picture of `fourcc`: rows back to back. */
-static unsigned packed_planes(uint32_t fourcc, uint32_t w, uint32_t h,
-                              struct plane_span p[MAX_PLANES])
-{
-    size_t luma = (size_t)w * h, chroma_rows = ((size_t)h + 1) / 2;
-
-    p[0] = (struct plane_span){ 0, w, w, h };
-    if (fourcc == V4L2_PIX_FMT_NV12) {
-        size_t row = ((size_t)w + 1) & ~(size_t)1;
-        p[1] = (struct plane_span){ luma, row, row, chroma_rows };
-        return 2;
-    }
-    size_t cw = ((size_t)w + 1) / 2;
-    p[1] = (struct plane_span){ luma, cw, cw, chroma_rows };
-    p[2] = (struct plane_span){ luma + cw * chroma_rows, cw, cw, chroma_rows };
-    return 3;
-}
-
-/* Bytes from the start of the buffer to the end of the last row written. */
-static size_t planes_extent(const struct plane_span *p, unsigned n)
-{
-    size_t end = 0;
-
-    for (unsigned i = 0; i < n; i++) {
-        size_t e = p[i].rows ? p[i].offset + (p[i].rows - 1) * p[i].stride + p[i].row_bytes
-                             : p[i].offset;
-        end = e > end ? e : end;
-    }
-    return end;
-}
-
-/* Copies each plane's rows from src (in layout s) to dst (in layout d). */
-static void copy_picture(const struct plane_span *d, const struct plane_span *s, unsigned n,
-                         uint8_t *dst, const uint8_t *src)
-{
-    for (unsigned i = 0; i < n; i++) {
-        for (size_t r = 0; r < s[i].rows; r++) {
-            memcpy(dst + d[i].offset + r * d[i].stride, src + s[i].offset + r * s[i].stride,
-                   s[i].row_bytes);
-        }
-    }
+    return frame_planes(f->fourcc, f->bytesperline, luma_rows(f), 0, 0, w, h, p);
 }
 
 /* Black (Y 16, Cb Cr 128) everywhere: what padding and unused rows hold. */
@@ -387,30 +202,18 @@ static void fill_black(const struct pic_format *f, uint8_t *mem, size_t length)
 
 /* ---- the input file ---- */
 
-static void put_le32(uint8_t *p, uint32_t v)
-{
-    p[0] = (uint8_t)v;
-    p[1] = (uint8_t)(v >> 8);
-    p[2] = (uint8_t)(v >> 16);
-    p[3] = (uint8_t)(v >> 24);
-}
-
 /* Maps RAW_FILE and counts its pictures. */
 static int map_raw_file(struct encoder *e)
 {
     struct plane_span p[MAX_PLANES];
     unsigned n = packed_planes(e->opt.raw_fourcc, e->opt.width, e->opt.height, p);
     struct stat st;
-    int fd = open(e->opt.raw_path, O_RDONLY | O_CLOEXEC);
+    int fd = open_input(e->opt.raw_path, &st);
 
     e->planes = n;
     memcpy(e->src, p, sizeof(p));
     e->picture_size = planes_extent(p, n);
-    if (fd < 0 || fstat(fd, &st) < 0) {
-        error("cannot read %s: %s", e->opt.raw_path, strerror(errno));
-        if (fd >= 0) {
-            close(fd);
-        }
+    if (fd < 0) {
         return -1;
     }
     e->raw_size = (size_t)st.st_size;
@@ -434,47 +237,39 @@ static int map_raw_file(struct encoder *e)
 
 /* ---- finding the encoder ---- */
 
-static bool offers_format(int fd, enum v4l2_buf_type type, uint32_t fourcc)
-{
-    struct v4l2_fmtdesc desc = { .type = type };
+/* What is_encoder_for() looks for, and whether it says why a node is not it. */
+struct probe {
+    uint32_t codec;
+    bool loud;
+    bool opened;                    /* set by is_encoder_for(): the node did open */
+};
 
-    for (desc.index = 0; desc.index < 64; desc.index++) {
-        if (xioctl(fd, VIDIOC_ENUM_FMT, &desc) < 0) {
-            return false;
-        }
-        if (desc.pixelformat == fourcc) {
-            return true;
-        }
-    }
-    return false;
-}
-
-/* Is fd a multi-planar m2m node whose CAPTURE queue makes `codec`? */
-static bool is_encoder_for(int fd, uint32_t codec, bool loud)
+/* Is fd a multi-planar m2m node whose CAPTURE queue makes the codec? */
+static bool is_encoder_for(int fd, void *ctx)
 {
+    struct probe *p = ctx;
     struct v4l2_capability cap;
     uint32_t caps;
 
-    memset(&cap, 0, sizeof(cap));
-    if (xioctl(fd, VIDIOC_QUERYCAP, &cap) < 0) {
-        if (loud) {
+    p->opened = true;
+    if (query_caps(fd, &cap, &caps) < 0) {
+        if (p->loud) {
             error("VIDIOC_QUERYCAP failed: %s (errno %d)", strerror(errno), errno);
         }
         return false;
     }
-    caps = (cap.capabilities & V4L2_CAP_DEVICE_CAPS) ? cap.device_caps : cap.capabilities;
     if (!(caps & V4L2_CAP_VIDEO_M2M_MPLANE)) {
-        if (loud) {
+        if (p->loud) {
             error("%s (%s) has no V4L2_CAP_VIDEO_M2M_MPLANE (capabilities 0x%08x)",
                   (const char *)cap.card, (const char *)cap.driver, caps);
         }
         return false;
     }
-    if (!offers_format(fd, V4L2_BUF_TYPE_VIDEO_CAPTURE_MPLANE, codec)) {
-        if (loud) {
+    if (!offers_format(fd, V4L2_BUF_TYPE_VIDEO_CAPTURE_MPLANE, p->codec, NULL, 0)) {
+        if (p->loud) {
             char s[5];
             error("%s (%s) lists no %s CAPTURE format: not an encoder for it",
-                  (const char *)cap.card, (const char *)cap.driver, fourcc_str(codec, s));
+                  (const char *)cap.card, (const char *)cap.driver, fourcc_str(p->codec, s));
         }
         return false;
     }
@@ -482,55 +277,29 @@ static bool is_encoder_for(int fd, uint32_t codec, bool loud)
     return true;
 }
 
-static int try_encoder(const char *path, uint32_t codec, bool loud)
-{
-    /* Non-blocking: DQBUF and DQEVENT say "nothing" instead of waiting. */
-    int fd = open(path, O_RDWR | O_NONBLOCK | O_CLOEXEC);
-
-    if (fd < 0) {
-        if (loud) {
-            error("cannot open %s: %s", path, strerror(errno));
-        }
-        return -1;
-    }
-    if (!is_encoder_for(fd, codec, loud)) {
-        close(fd);
-        return -1;
-    }
-    return fd;
-}
-
 /* Opens --device, or the first /dev/videoN that encodes to --codec. */
 static int open_encoder(struct encoder *e)
 {
-    char path[32], fcc[5];
+    char fcc[5];
 
     if (e->opt.device) {
-        e->fd = try_encoder(e->opt.device, e->opt.codec, true);
+        struct probe loud = { .codec = e->opt.codec, .loud = true };
+        e->fd = open_node(e->opt.device, is_encoder_for, &loud);
+        if (e->fd < 0 && !loud.opened) {
+            error("cannot open %s: %s", e->opt.device, strerror(errno));
+        }
         return e->fd < 0 ? -1 : 0;
     }
-    for (int i = 0; i < 64; i++) {
-        snprintf(path, sizeof(path), "/dev/video%d", i);
-        e->fd = try_encoder(path, e->opt.codec, false);
-        if (e->fd >= 0) {
-            note("using %s", path);
-            return 0;
-        }
+    struct probe quiet = { .codec = e->opt.codec };
+    e->fd = find_node(is_encoder_for, &quiet);
+    if (e->fd < 0) {
+        error("no /dev/videoN encodes to %s", fourcc_str(e->opt.codec, fcc));
+        return -1;
     }
-    error("no /dev/videoN encodes to %s", fourcc_str(e->opt.codec, fcc));
-    return -1;
+    return 0;
 }
 
 /* ---- formats and parameters ---- */
-
-static struct pic_format pic_format_from(const struct v4l2_format *f)
-{
-    const struct v4l2_pix_format_mplane *mp = &f->fmt.pix_mp;
-
-    return (struct pic_format){ mp->pixelformat, mp->width, mp->height,
-                                mp->plane_fmt[0].bytesperline,
-                                mp->plane_fmt[0].sizeimage, mp->num_planes };
-}
 
 /* S_FMT(CAPTURE): the coded format, the size, room for a coded picture. */
 static int set_capture_format(struct encoder *e)
@@ -561,16 +330,11 @@ static int set_capture_format(struct encoder *e)
 /* The OUTPUT formats depend on the coded format: check ours is one. */
 static int check_output_format_offered(const struct encoder *e)
 {
-    struct v4l2_fmtdesc desc = { .type = V4L2_BUF_TYPE_VIDEO_OUTPUT_MPLANE };
-    char offered[256] = "", s[5], c[5];
+    char offered[256], s[5], c[5];
 
-    for (desc.index = 0; desc.index < 64 && xioctl(e->fd, VIDIOC_ENUM_FMT, &desc) == 0;
-         desc.index++) {
-        if (desc.pixelformat == e->opt.raw_fourcc) {
-            return 0;
-        }
-        size_t used = strlen(offered);
-        snprintf(offered + used, sizeof(offered) - used, " %s", fourcc_str(desc.pixelformat, s));
+    if (offers_format(e->fd, V4L2_BUF_TYPE_VIDEO_OUTPUT_MPLANE, e->opt.raw_fourcc, offered,
+                      sizeof(offered))) {
+        return 0;
     }
     error("the encoder takes no %s OUTPUT pictures for %s (offers:%s)",
           fourcc_str(e->opt.raw_fourcc, s), fourcc_str(e->opt.codec, c), offered);
@@ -724,142 +488,15 @@ static int picture_controls(struct encoder *e, unsigned long i)
     return 0;
 }
 
-/* ---- buffers ---- */
-
-/* A v4l2_buffer for buffer `index` of q, with its one plane. */
-static void buffer_init(const struct queue *q, unsigned index,
-                        struct v4l2_buffer *v, struct v4l2_plane *plane)
-{
-    memset(v, 0, sizeof(*v));
-    memset(plane, 0, sizeof(*plane));
-    v->type = q->type;
-    v->memory = V4L2_MEMORY_MMAP;
-    v->index = index;
-    v->m.planes = plane;
-    v->length = 1;
-}
-
-static int map_buffer(struct encoder *e, struct queue *q, unsigned i)
-{
-    struct v4l2_buffer v;
-    struct v4l2_plane plane;
-    int prot = V4L2_TYPE_IS_OUTPUT(q->type) ? PROT_READ | PROT_WRITE : PROT_READ;
-
-    buffer_init(q, i, &v, &plane);
-    if (IOCTL(e->fd, VIDIOC_QUERYBUF, &v, q->name)) {
-        return -1;
-    }
-    void *mem = mmap(NULL, plane.length, prot, MAP_SHARED, e->fd, plane.m.mem_offset);
-    if (mem == MAP_FAILED) {
-        error("mmap of %s buffer %u failed: %s", q->name, i, strerror(errno));
-        return -1;
-    }
-    q->bufs[i] = (struct buffer){ mem, plane.length, false };
-    return 0;
-}
-
-/* REQBUFS(count, MMAP) and map every buffer. */
-static int allocate_buffers(struct encoder *e, struct queue *q, unsigned count)
-{
-    struct v4l2_requestbuffers rb = { .count = count, .type = q->type,
-                                      .memory = V4L2_MEMORY_MMAP };
-
-    if (IOCTL(e->fd, VIDIOC_REQBUFS, &rb, q->name)) {
-        return -1;
-    }
-    if (rb.count == 0 || rb.count > MAX_BUFFERS) {
-        error("REQBUFS(%s) gave %u buffers", q->name, rb.count);
-        return -1;
-    }
-    q->count = 0;
-    for (unsigned i = 0; i < rb.count; i++) {
-        if (map_buffer(e, q, i)) {
-            return -1;
-        }
-        q->count++;
-    }
-    q->queued = 0;
-    return 0;
-}
-
-static int queue_buffer(struct encoder *e, struct queue *q, unsigned i,
-                        uint32_t bytesused, uint64_t timestamp_us)
-{
-    struct v4l2_buffer v;
-    struct v4l2_plane plane;
-
-    buffer_init(q, i, &v, &plane);
-    plane.bytesused = bytesused;
-    v.timestamp.tv_sec = (time_t)(timestamp_us / 1000000);
-    v.timestamp.tv_usec = (suseconds_t)(timestamp_us % 1000000);
-    if (IOCTL(e->fd, VIDIOC_QBUF, &v, q->name)) {
-        return -1;
-    }
-    q->bufs[i].queued = true;
-    q->queued++;
-    return 0;
-}
-
-/* One done buffer of q into v: 1 if there was one, 0 if none, -1 on error. */
-static int dequeue_buffer(struct encoder *e, struct queue *q,
-                          struct v4l2_buffer *v, struct v4l2_plane *plane)
-{
-    buffer_init(q, 0, v, plane);
-    if (xioctl(e->fd, VIDIOC_DQBUF, v) < 0) {
-        if (errno == EAGAIN) {
-            return 0;
-        }
-        error("VIDIOC_DQBUF (%s) failed: %s (errno %d)", q->name, strerror(errno), errno);
-        return -1;
-    }
-    if (v->index >= q->count) {
-        error("VIDIOC_DQBUF (%s) gave buffer %u of %u", q->name, v->index, q->count);
-        return -1;
-    }
-    q->bufs[v->index].queued = false;
-    q->queued--;
-    return 1;
-}
-
-static int stream(struct encoder *e, struct queue *q, bool on)
-{
-    int type = q->type;
-
-    if (on ? IOCTL(e->fd, VIDIOC_STREAMON, &type, q->name)
-           : IOCTL(e->fd, VIDIOC_STREAMOFF, &type, q->name)) {
-        return -1;
-    }
-    q->streaming = on;
-    if (!on) {
-        /* STREAMOFF hands every buffer back to us. */
-        for (unsigned i = 0; i < q->count; i++) {
-            q->bufs[i].queued = false;
-        }
-        q->queued = 0;
-    }
-    return 0;
-}
-
 /* ---- initialization ---- */
-
-static unsigned min_output_buffers(struct encoder *e)
-{
-    struct v4l2_control ctrl = { .id = V4L2_CID_MIN_BUFFERS_FOR_OUTPUT };
-
-    if (xioctl(e->fd, VIDIOC_G_CTRL, &ctrl) < 0 || ctrl.value < 1) {
-        note("no V4L2_CID_MIN_BUFFERS_FOR_OUTPUT: assuming 1");
-        return 1;
-    }
-    return (unsigned)ctrl.value;
-}
 
 static int allocate_output(struct encoder *e)
 {
-    unsigned min = min_output_buffers(e);
+    unsigned min = MIN_BUFFERS(e->fd, V4L2_CID_MIN_BUFFERS_FOR_OUTPUT);
     unsigned count = min > OUTPUT_BUFFERS ? min : OUTPUT_BUFFERS;
     size_t extent = planes_extent(e->dst, e->planes);
 
-    if (allocate_buffers(e, &e->out, count < MAX_BUFFERS ? count : MAX_BUFFERS)) {
+    if (allocate_buffers(e->fd, &e->out, count < MAX_BUFFERS ? count : MAX_BUFFERS)) {
         return -1;
     }
     for (unsigned i = 0; i < e->out.count; i++) {
@@ -882,11 +519,11 @@ static int allocate_output(struct encoder *e)
 
 static int allocate_capture(struct encoder *e)
 {
-    if (allocate_buffers(e, &e->cap, CAPTURE_BUFFERS)) {
+    if (allocate_buffers(e->fd, &e->cap, CAPTURE_BUFFERS)) {
         return -1;
     }
     for (unsigned i = 0; i < e->cap.count; i++) {
-        if (queue_buffer(e, &e->cap, i, 0, 0)) {
+        if (queue_buffer(e->fd, &e->cap, i, 0, 0)) {
             return -1;
         }
     }
@@ -911,15 +548,13 @@ static int write_header(struct encoder *e)
 
 static int setup(struct encoder *e)
 {
-    struct v4l2_event_subscription sub = { .type = V4L2_EVENT_EOS };
-
     if (set_capture_format(e) || check_output_format_offered(e) || set_output_format(e) ||
         read_formats(e) || set_frame_rate(e) || set_controls(e) ||
-        IOCTL(e->fd, VIDIOC_SUBSCRIBE_EVENT, &sub, "EOS") ||
+        subscribe(e->fd, V4L2_EVENT_EOS, "EOS") ||
         allocate_output(e) || allocate_capture(e) || write_header(e)) {
         return -1;
     }
-    return stream(e, &e->out, true) || stream(e, &e->cap, true) ? -1 : 0;
+    return stream(e->fd, &e->out, true) || stream(e->fd, &e->cap, true) ? -1 : 0;
 }
 
 /* ---- coded buffers ---- */
@@ -934,7 +569,7 @@ static int emit_packet(struct encoder *e, const struct v4l2_buffer *v)
 {
     const struct buffer *b = &e->cap.bufs[v->index];
     const struct v4l2_plane *plane = v->m.planes;
-    uint64_t ts = (uint64_t)v->timestamp.tv_sec * 1000000 + (uint64_t)v->timestamp.tv_usec;
+    uint64_t ts = buffer_timestamp_us(v);
     uint8_t len[4];
 
     if (plane->bytesused > b->length || plane->data_offset > plane->bytesused) {
@@ -979,7 +614,7 @@ static int handle_capture_buffer(struct encoder *e, const struct v4l2_buffer *v)
         }
         return 0;
     }
-    return queue_buffer(e, &e->cap, v->index, 0, 0);
+    return queue_buffer(e->fd, &e->cap, v->index, 0, 0);
 }
 
 static int dequeue_capture(struct encoder *e)
@@ -990,7 +625,7 @@ static int dequeue_capture(struct encoder *e)
 
     /* After LAST, DQBUF would only say EPIPE. */
     while (!e->last_dequeued) {
-        got = dequeue_buffer(e, &e->cap, &v, &plane);
+        got = dequeue_buffer(e->fd, &e->cap, &v, &plane);
         if (got <= 0) {
             return got;
         }
@@ -1001,49 +636,20 @@ static int dequeue_capture(struct encoder *e)
     return 0;
 }
 
-static int dequeue_output(struct encoder *e)
+static int handle_events(struct encoder *e)
 {
-    struct v4l2_buffer v;
-    struct v4l2_plane plane;
+    struct v4l2_event ev;
     int got;
 
-    while ((got = dequeue_buffer(e, &e->out, &v, &plane)) > 0) {
-        if (v.flags & V4L2_BUF_FLAG_ERROR) {
-            error("OUTPUT buffer of timestamp %ld.%06ld came back with ERROR",
-                  (long)v.timestamp.tv_sec, (long)v.timestamp.tv_usec);
-            e->errors++;
+    while ((got = dequeue_event(e->fd, &ev)) > 0) {
+        if (ev.type == V4L2_EVENT_EOS) {
+            e->eos_event = true;
         }
     }
     return got;
 }
 
-static int handle_events(struct encoder *e)
-{
-    struct v4l2_event ev;
-
-    while (xioctl(e->fd, VIDIOC_DQEVENT, &ev) == 0) {
-        if (ev.type == V4L2_EVENT_EOS) {
-            e->eos_event = true;
-        }
-    }
-    if (errno != ENOENT) {
-        error("VIDIOC_DQEVENT failed: %s (errno %d)", strerror(errno), errno);
-        return -1;
-    }
-    return 0;
-}
-
 /* ---- feeding and draining ---- */
-
-static int free_buffer(const struct queue *q)
-{
-    for (unsigned i = 0; i < q->count; i++) {
-        if (!q->bufs[i].queued) {
-            return (int)i;
-        }
-    }
-    return -1;
-}
 
 /* Picture i (of the file, looped) into OUTPUT buffer `index`, and queue it. */
 static int queue_picture(struct encoder *e, unsigned index, unsigned long i)
@@ -1051,7 +657,7 @@ static int queue_picture(struct encoder *e, unsigned index, unsigned long i)
     const uint8_t *src = e->raw + (i % e->file_pictures) * e->picture_size;
 
     copy_picture(e->dst, e->src, e->planes, e->out.bufs[index].mem, src);
-    return queue_buffer(e, &e->out, index, e->fmt.sizeimage, (uint64_t)i * PICTURE_STEP_US);
+    return queue_buffer(e->fd, &e->out, index, e->fmt.sizeimage, (uint64_t)i * PICTURE_STEP_US);
 }
 
 static int feed_output(struct encoder *e)
@@ -1101,45 +707,23 @@ static const char *waiting_for(const struct encoder *e)
     return "coded buffers or free OUTPUT buffers";
 }
 
-static short poll_events(const struct encoder *e)
-{
-    short events = POLLPRI;
-
-    /* Ask only about queues that hold buffers: for idle ones the m2m poll says POLLERR. */
-    if (e->out.queued > 0) {
-        events |= POLLOUT;
-    }
-    if (e->cap.streaming && !e->last_dequeued) {
-        events |= POLLIN;
-    }
-    return events;
-}
-
 static int wait_and_handle(struct encoder *e)
 {
-    struct pollfd p = { .fd = e->fd, .events = poll_events(e) };
-    int n = poll(&p, 1, IDLE_TIMEOUT_MS);
+    short revents = 0;
+    int got = poll_node(e->fd, poll_events(&e->out, &e->cap, e->last_dequeued), &revents);
 
-    if (n < 0) {
-        if (errno == EINTR) {
-            return 0;
-        }
-        error("poll failed: %s", strerror(errno));
-        return -1;
-    }
-    if (n == 0) {
+    if (got == POLL_IDLE) {
         error("nothing happened for %d s while waiting for %s (%lu of %lu pictures queued, "
               "%u OUTPUT buffers with the driver, %lu packets)", IDLE_TIMEOUT_MS / 1000,
               waiting_for(e), e->next_picture, e->total, e->out.queued, e->packets);
         return -1;
     }
-    if (p.revents & POLLERR) {
-        error("poll says POLLERR: the driver failed the queues (a device error?)");
-        return -1;
+    if (got <= 0) {
+        return got;
     }
-    if (((p.revents & POLLPRI) && handle_events(e)) ||
-        ((p.revents & POLLOUT) && dequeue_output(e)) ||
-        ((p.revents & POLLIN) && dequeue_capture(e))) {
+    if (((revents & POLLPRI) && handle_events(e)) ||
+        ((revents & POLLOUT) && dequeue_output(e->fd, &e->out, &e->errors)) ||
+        ((revents & POLLIN) && dequeue_capture(e))) {
         return -1;
     }
     return 0;
@@ -1182,7 +766,7 @@ static int encode(struct encoder *e)
             return -1;
         }
     }
-    if (stream(e, &e->out, false) || stream(e, &e->cap, false)) {
+    if (stream(e->fd, &e->out, false) || stream(e->fd, &e->cap, false)) {
         return -1;
     }
     if (!e->eos_event && handle_events(e) == 0 && !e->eos_event) {
@@ -1197,15 +781,10 @@ static int encode(struct encoder *e)
 
 /* ---- self-test of the picture layout and copy (runs anywhere) ---- */
 
-static uint8_t pattern(unsigned plane, size_t row, size_t col)
-{
-    return (uint8_t)((plane * 101 + row * 31 + col * 7 + 3) & 0xff);
-}
-
 static bool selftest_luma(uint32_t fourcc, uint32_t bpl, uint32_t height, uint32_t sizeimage,
                           size_t want)
 {
-    struct pic_format f = { fourcc, bpl, height, bpl, sizeimage, 1 };
+    struct pic_format f = { fourcc, bpl, height, bpl, sizeimage, 1, { 0 } };
     size_t got = luma_plane_size(&f);
     char s[5];
 
@@ -1264,11 +843,13 @@ static int selftest(void)
      * Height 5, but the device's planes are 8 rows high (sizeimage 16 * 8 * 3 / 2):
      * the chroma is at 128, not at 16 * 5.
      */
-    static const struct pic_format nv12_aligned = { V4L2_PIX_FMT_NV12, 16, 5, 16, 192, 1 };
-    static const struct pic_format yu12_aligned = { V4L2_PIX_FMT_YUV420, 16, 5, 16, 192, 1 };
+    static const struct pic_format nv12_aligned = { V4L2_PIX_FMT_NV12, 16, 5, 16, 192, 1,
+                                                    { 0 } };
+    static const struct pic_format yu12_aligned = { V4L2_PIX_FMT_YUV420, 16, 5, 16, 192, 1,
+                                                    { 0 } };
     /* V4L2's own layout of an odd height: 8 * 5 luma, (5 + 1) / 2 chroma rows. */
-    static const struct pic_format nv12_plain = { V4L2_PIX_FMT_NV12, 7, 5, 8, 64, 1 };
-    static const struct pic_format yu12_plain = { V4L2_PIX_FMT_YUV420, 7, 5, 8, 64, 1 };
+    static const struct pic_format nv12_plain = { V4L2_PIX_FMT_NV12, 7, 5, 8, 64, 1, { 0 } };
+    static const struct pic_format yu12_plain = { V4L2_PIX_FMT_YUV420, 7, 5, 8, 64, 1, { 0 } };
     static const size_t nv12_a[][4] = { { 0, 16, 7, 5 }, { 128, 16, 8, 3 } };
     static const size_t yu12_a[][4] = { { 0, 16, 7, 5 }, { 128, 8, 4, 3 }, { 160, 8, 4, 3 } };
     static const size_t nv12_p[][4] = { { 0, 8, 7, 5 }, { 40, 8, 8, 3 } };
@@ -1316,15 +897,6 @@ static void usage(FILE *to)
             "  --summary           no PACKET lines, only the DONE line\n"
             "  --selftest          check the picture layout and copy, then exit\n",
             DEFAULT_FPS);
-}
-
-static int parse_number(const char *s, long *v)
-{
-    char *end;
-
-    errno = 0;
-    *v = strtol(s, &end, 10);
-    return (errno || end == s || *end || *v < 0) ? -1 : 0;
 }
 
 static int parse_index(const char *s, unsigned long *v)
@@ -1375,18 +947,6 @@ static int parse_codec(const char *s, uint32_t *fourcc)
         }
     }
     return -1;
-}
-
-static int parse_format(const char *s, uint32_t *fourcc)
-{
-    if (strcmp(s, "NV12") == 0) {
-        *fourcc = V4L2_PIX_FMT_NV12;
-    } else if (strcmp(s, "YU12") == 0) {
-        *fourcc = V4L2_PIX_FMT_YUV420;
-    } else {
-        return -1;
-    }
-    return 0;
 }
 
 static int parse_mode(const char *s, long *mode)
@@ -1515,7 +1075,7 @@ int main(int argc, char **argv)
         rc = 1;
     }
     printf("DONE packets=%lu rc=%d seconds=%.3f\n", e.packets, rc,
-           (double)(end.tv_sec - e.start.tv_sec) + (end.tv_nsec - e.start.tv_nsec) / 1e9);
+           seconds_between(&e.start, &end));
     /* Closing the node stops both queues and frees every buffer. */
     if (e.fd >= 0) {
         close(e.fd);
