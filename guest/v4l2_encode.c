@@ -470,6 +470,22 @@ static int set_controls(struct encoder *e)
     return 0;
 }
 
+/* Whether a control is due before picture i. */
+static bool controls_due(const struct encoder *e, unsigned long i)
+{
+    for (unsigned k = 0; k < e->opt.force_keys; k++) {
+        if (e->opt.force_key[k].at == i) {
+            return true;
+        }
+    }
+    for (unsigned k = 0; k < e->opt.bitrate_changes; k++) {
+        if (e->opt.bitrate_change[k].at == i) {
+            return true;
+        }
+    }
+    return false;
+}
+
 /* The controls due before picture i: key frames (a button) and bitrates. */
 static int picture_controls(struct encoder *e, unsigned long i)
 {
@@ -665,6 +681,15 @@ static int feed_output(struct encoder *e)
     int index;
 
     while (e->next_picture < e->total && (index = free_buffer(&e->out)) >= 0) {
+        /*
+         * A control goes to the device at once, while pictures queued
+         * before it may still wait in the driver's m2m queue: it would
+         * apply to one of them.  So a control waits until every OUTPUT
+         * buffer is back, and applies to picture i exactly.
+         */
+        if (controls_due(e, e->next_picture) && e->out.queued > 0) {
+            break;
+        }
         if (picture_controls(e, e->next_picture) ||
             queue_picture(e, (unsigned)index, e->next_picture)) {
             return -1;
