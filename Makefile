@@ -30,6 +30,7 @@ bench: build
 	bash ci/setup-bench.sh
 	$(PYTHON) -m bench.control_roundtrip
 	$(PYTHON) -m bench.decode_throughput
+	$(PYTHON) -m bench.encode_throughput
 	$(PYTHON) -m bench.guest_decode
 	$(PYTHON) -m bench.snd_pacing
 
