@@ -31,6 +31,7 @@ bench: build
 	$(PYTHON) -m bench.control_roundtrip
 	$(PYTHON) -m bench.decode_throughput
 	$(PYTHON) -m bench.encode_throughput
+	$(PYTHON) -m bench.encode_quality
 	$(PYTHON) -m bench.guest_decode
 	$(PYTHON) -m bench.snd_pacing
 
