@@ -12,11 +12,15 @@ options: the device's own encode session (pyemb.pyav_encoder, opened with
 the settings the device reports) called directly in this process, and plain
 PyAV (a libx264 CodecContext given the same AVOptions, pictures through
 ``VideoFrame.from_ndarray``).  The pictures are made once, up front, and kept
-in memory: their making is counted nowhere; the device path counts the
-driver's copy of each picture into guest RAM (one copy, notified at once, as
-a guest driver's QBUF; a guest has its pictures in its RAM already, the copy
-is this stand-in driver's), the references count the copy into the
-encoder's frame, as the device does.  Every run opens its encoder inside
+in memory: their making is counted nowhere.  By default a guest has its
+pictures in its RAM already, as a camera or compositor leaves them there:
+``INPUT_BUFFERS`` pictures are written into the guest's input buffers once,
+before the timed span, and picture i is the one in buffer i % INPUT_BUFFERS
+(the references get the same sequence); ``--copy`` makes the stand-in
+driver write every picture into guest RAM in the timed span instead (one
+copy, notified at once, as a guest driver's QBUF), which is the driver's
+cost, not the device's.  The references count the copy into the encoder's
+frame, as the device does.  Every run opens its encoder inside
 the timed span (the device opens it on the first picture); a short
 warm-up stream of each kind at each size goes first, uncounted.
 The device stream is not drained: with zerolatency each picture's packet
@@ -65,7 +69,7 @@ SIZES = {"720p": (1280, 720), "1080p": (1920, 1080)}
 BITRATES = {(1280, 720): (4_000_000, 6_000_000), (1920, 1080): (8_000_000, 12_000_000)}
 FRAME_RATE = 30
 NOISE = 6           # camera-like grain: x264 has real work on every picture
-INPUT_BUFFERS, OUTPUT_BUFFERS = 8, 8
+INPUT_BUFFERS, OUTPUT_BUFFERS = 16, 8
 
 # tid -> (thread name, CPU nanoseconds so far)
 Threads = dict[int, tuple[str, int]]
@@ -217,8 +221,9 @@ class MeasuredRun(EncodeRun):
     destroyed (x264's threads still live then: no drain ended the session).
     Hands its guest buffers back to the allocator once destroyed."""
 
-    def __init__(self, *args, **kw) -> None:
+    def __init__(self, *args, copy: bool = False, **kw) -> None:
         super().__init__(*args, drain=False, **kw)
+        self.copy = copy                # each picture into guest RAM in the timed span
         self.qemu_pid = self.c.m.proc.pid
         self.timing = Timing(0.0)
         self.snapshots: list[tuple[Threads, Threads]] = []
@@ -231,6 +236,9 @@ class MeasuredRun(EncodeRun):
         # make it over again in this process first, at each step).
         assert self.in_params.plane_formats == [(w * h, w), (w * h // 2, w)], \
             self.in_params.plane_formats
+        if not self.copy:               # the guest's pictures are in its RAM already
+            for rid in self.free_inputs:
+                self.c.write_entries(self.inputs[rid], self.pictures[rid])
 
     def step(self, events: list[tuple[int, int]]) -> None:
         """EncodeRun's step with the pictures queued here: each one
@@ -242,7 +250,10 @@ class MeasuredRun(EncodeRun):
         c = self.c
         while self.next < len(self.pictures) and self.free_inputs:
             rid = self.free_inputs.pop(0)
-            c.write_entries(self.inputs[rid], self.pictures[self.next])
+            if self.copy:
+                c.write_entries(self.inputs[rid], self.pictures[self.next])
+            else:               # inputs come back in order: buffer i % INPUT_BUFFERS
+                assert rid == self.next % len(self.inputs), (rid, self.next)
             token = c.queue(self.sid, p.QueueType.INPUT, rid, self.timestamps[self.next],
                             kick=False)
             c.kick(wait=False)
@@ -302,11 +313,12 @@ class MeasuredRun(EncodeRun):
 
 
 def device(client: VideoClient, sid: int, packed: list[bytes], width: int, height: int,
-           poll_s: float, cpu: list[dict[str, float]]) -> tuple[Timing, EncoderSettings]:
+           poll_s: float, cpu: list[dict[str, float]],
+           copy: bool = False) -> tuple[Timing, EncoderSettings]:
     """The pictures through the device; also the settings it encodes with
     (read back from its controls), for the references."""
     rate, peak = BITRATES[width, height]
-    run = MeasuredRun(client, sid, p.Format.H264, packed, width, height,
+    run = MeasuredRun(client, sid, p.Format.H264, packed, width, height, copy=copy,
                       input_buffers=INPUT_BUFFERS, output_buffers=OUTPUT_BUFFERS,
                       frame_rate=FRAME_RATE,
                       controls={p.Control.BITRATE: rate, p.Control.BITRATE_PEAK: peak,
@@ -340,6 +352,9 @@ def main() -> None:
                          f"(it has no interrupt; {INPUT_BUFFERS} input and {OUTPUT_BUFFERS} "
                          "output buffers cover it; each look costs it some 50 us of CPU, "
                          "which x264's threads want)")
+    ap.add_argument("--copy", action="store_true",
+                    help="the driver writes every picture into guest RAM in the timed span "
+                         f"(default: {INPUT_BUFFERS} pictures are there already, in turn)")
     args = ap.parse_args()
     sizes = [SIZES[s.strip()] for s in args.sizes.split(",")]
     # Guest RAM faulted in up front (-mem-prealloc style): a guest's buffers
@@ -355,7 +370,10 @@ def main() -> None:
         client = VideoClient(m, dev)
         sid = 1
         for width, height in sizes:
-            packed = raw_pictures(width, height, args.frames, noise=NOISE)
+            packed = raw_pictures(width, height, args.frames if args.copy else INPUT_BUFFERS,
+                                  noise=NOISE)
+            if not args.copy:           # picture i is the one in buffer i % INPUT_BUFFERS
+                packed = [packed[i % INPUT_BUFFERS] for i in range(args.frames)]
             arrays = [np.frombuffer(pic, np.uint8) for pic in packed]
             runs: dict[str, list[Timing]] = {"session": [], "plain": [], "device": []}
             used: dict[str, list[dict[str, float]]] = {k: [] for k in runs}
@@ -363,16 +381,17 @@ def main() -> None:
             # Warm-up, not counted: QEMU's first encoder session imports
             # the engine's modules, the driver's first buffers of a size are
             # pages it has not touched yet (later streams reuse them).
-            _, settings = device(client, sid, packed[:8], width, height, args.poll_ms / 1000, [])
+            _, settings = device(client, sid, packed[:INPUT_BUFFERS], width, height,
+                                 args.poll_ms / 1000, [], args.copy)
             sid += 1
-            session_direct(arrays[:8], settings, [])
-            plain_pyav(arrays[:8], settings, [])
+            session_direct(arrays[:INPUT_BUFFERS], settings, [])
+            plain_pyav(arrays[:INPUT_BUFFERS], settings, [])
             for r in range(args.repeat):    # interleaved, each first in turn: noise hits all
                 order = list(runs)[r % 3:] + list(runs)[:r % 3]
                 for key in order:
                     if key == "device":
                         timing, _ = device(client, sid, packed, width, height,
-                                           args.poll_ms / 1000, used["device"])
+                                           args.poll_ms / 1000, used["device"], args.copy)
                         sid += 1
                     elif key == "session":
                         timing = session_direct(arrays, settings, used["session"])
@@ -387,7 +406,9 @@ def main() -> None:
             whole = {k: [t.fps for t in v] for k, v in runs.items()}
             steady = {k: [t.steady_fps(skip) for t in v] for k, v in runs.items()}
             _, options = plain_options(settings)
-            print(f"{width}x{height} H.264 from NV12, libx264 "
+            source = ("each picture copied into guest RAM" if args.copy else
+                      f"{INPUT_BUFFERS} pictures in guest RAM, in turn")
+            print(f"{width}x{height} H.264 from NV12 ({source}), libx264 "
                   f"{' '.join(f'{k}={v}' for k, v in options.items())}, {FRAME_RATE} fps "
                   f"content, grain {NOISE}, {len(packed)} frames, best of {args.repeat}, "
                   f"fps over the whole run / from packet {skip + 1} on:")
