@@ -3,8 +3,10 @@ on ``qemu-system-aarch64 -machine virt`` under TCG, with the ChromeOS
 virtio-video driver cross-built for it (ci/build_guest.py --arch arm64).
 
 Two boots, each with both devices, one on each transport, swapped between
-the boots: aplay reaches the WAV backend bit-exact and the crosvm vector
-decodes bit-exact through the driver and the project's client."""
+the boots: aplay reaches the WAV backend bit-exact, the crosvm vector
+decodes bit-exact through the driver and the project's client, and the
+encoder (a second virtio-video device, role=encoder, on the video's
+transport) encodes H.264 that PyAV decodes on the host at >= 35 dB."""
 
 from __future__ import annotations
 
@@ -13,8 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from pyemb.video import protocol as p
+from tests.encoder_client import raw_pictures
 from tests.guest import GuestResult, boot_guest
 from tests.streams import frames_file
+from tests.test_encoder_guest import ENCODE, SIZE, packets, psnrs
 from tests.test_snd_guest import PLAYS, assert_played_bit_exact, wav
 from tests.test_video_guest import (
     DECODE,
@@ -25,20 +30,30 @@ from tests.test_video_guest import (
 )
 
 # boot: (sound's transport, video's transport); "-py" is the virtio-mmio form.
+ENCODED = 20                # pictures the guest encodes
 BOOTS = {"snd-pci-video-mmio": ("pci", "mmio"), "snd-mmio-video-pci": ("mmio", "pci")}
 DEVICE = {"pci": "-py-pci", "mmio": "-py"}
 
 SCRIPT = f"""
-i=0; while [ ! -e /dev/video0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+i=0; while [ ! -e /dev/video1 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+for node in /sys/class/video4linux/video*; do
+    case $(cat $node/name) in
+        stateful-decoder) DEC=/dev/${{node##*/}};; stateful-encoder) ENC=/dev/${{node##*/}};;
+    esac
+done
 echo "== transports"
 echo "sound $(readlink -f /sys/class/sound/card0/device)"
-echo "video $(readlink -f /sys/class/video4linux/video0/device)"
+echo "video $(readlink -f /sys/class/video4linux/${{DEC#/dev/}}/device)"
+echo "encoder $(readlink -f /sys/class/video4linux/${{ENC#/dev/}}/device)"
 for name in {' '.join(PLAYS)}; do
     echo "== play $name"; aplay -q -D hw:0,0,0 /$name.wav; echo "aplay rc=$?"
 done
-echo "== crosvm"; {DECODE} /crosvm.pyf; echo "client rc=$?"
+echo "== crosvm"; {DECODE} --device $DEC /crosvm.pyf; echo "client rc=$?"
+echo "== encode"; {ENCODE} --device $ENC --codec H264 --format NV12 --size 320x240 \
+    --bitrate 1500000 /raw.nv12 /out.pyf; echo "client rc=$?"
+echo "BEGIN-OUT"; base64 /out.pyf; echo "END-OUT"
 echo "== compliance"
-v4l2-compliance -d /dev/video0 2>&1 | grep -E "fail:|^Total"
+v4l2-compliance -d $DEC 2>&1 | grep -E "fail:|^Total"
 echo "== dmesg"
 dmesg | grep -i -E "virtio|snd|video|warn|bug|oops" | grep -v -E "^\\[ *0\\.0"
 """
@@ -52,6 +67,7 @@ def boot(request, tmp_path_factory) -> tuple[str, GuestResult, Path, dict[str, b
     for i, (name, (fmt, ch, rate, _)) in enumerate(PLAYS.items()):
         files[f"{name}.wav"], signals[name] = wav(fmt, ch, rate, rate // 4, seed=i)
     files["crosvm.pyf"] = frames_file("h264", 320, 240, list(crosvm_records()))
+    files["raw.nv12"] = b"".join(raw_pictures(*SIZE, ENCODED))
     config = tmp / "snd.toml"
     config.write_text(f"""
 [[snd.streams]]
@@ -61,7 +77,8 @@ rates = [44100, 48000]
 backend = {{ name = "wav", path = "{tmp}/play-{{n}}.wav" }}
 """)
     result = boot_guest(["-device", f"virtio-snd{DEVICE[snd]},config={config}",
-                         "-device", f"virtio-video{DEVICE[video]}"],
+                         "-device", f"virtio-video{DEVICE[video]}",
+                         "-device", f"virtio-video{DEVICE[video]},role=encoder"],
                         SCRIPT, files, timeout=600, memory="1G", arch="aarch64")
     return request.param, result, tmp, signals
 
@@ -75,8 +92,10 @@ def test_guest_ran_to_the_end(boot):
 
 def test_each_device_is_on_its_transport(boot):
     name, result, _, _ = boot
-    parents = dict(re.findall(r"^(sound|video) (\S+)$", result.section("transports"), re.M))
-    for device, transport in zip(("sound", "video"), BOOTS[name], strict=True):
+    parents = dict(re.findall(r"^(sound|video|encoder) (\S+)$", result.section("transports"),
+                              re.M))
+    for device, transport in zip(("sound", "video", "encoder"), (*BOOTS[name], BOOTS[name][1]),
+                                 strict=True):
         # virt's PCI host bridge is pcie@10000000; its mmio transports are a000000.virtio_mmio.
         marker = "/pci0000:00/" if transport == "pci" else ".virtio_mmio/"
         assert marker in parents[device], parents
@@ -96,3 +115,10 @@ def test_v4l2_compliance_fails_only_where_the_driver_does(boot):
 def test_crosvm_vector_decodes_bit_exact(boot):
     _, result, _, _ = boot
     assert [crc for _, crc in decoded(result, "crosvm")] == crosvm_crcs()
+
+
+def test_the_encoder_encodes_h264_that_pyav_decodes(boot):
+    _, result, _, _ = boot
+    records = packets(result, "encode")
+    assert len(records) == ENCODED
+    assert min(psnrs(p.Format.H264, records, raw_pictures(*SIZE, ENCODED), *SIZE)) >= 35
