@@ -409,3 +409,26 @@ def test_the_encoders_share_a_documented_pixel_budget(tmp_path):
         assert status_of(client.wait(token)) == p.Resp.OK_RESOURCE_QUEUE
     finally:
         m.stop()
+
+
+def test_a_frame_rate_change_midway_takes_effect(enc):
+    """CBR spends bitrate / frame rate per picture: at half the rate, each
+    picture gets twice the bits, from the picture queued after the change,
+    a keyframe."""
+    pictures = raw_pictures(320, 240, 60, noise=12)
+
+    def slower(r: EncodeRun) -> None:
+        params = r.c.get_params(r.sid, p.QueueType.INPUT)
+        params.frame_rate = 15
+        r.c.set_params(r.sid, params)
+        rates.append(r.c.get_params(r.sid, p.QueueType.OUTPUT).frame_rate)
+
+    rates: list[int] = []
+    run = encode(enc, p.Format.H264, pictures, 320, 240, before={30: slower},
+                 controls={p.Control.BITRATE: 300_000, p.Control.BITRATE_MODE: 1})
+    packets = run.result.packets
+    assert packets[30].flags == p.BufferFlag.IFRAME
+    assert rates == [15]                    # both queues follow
+    before = sum(len(pk.data) for pk in packets[1:30]) / 29
+    after = sum(len(pk.data) for pk in packets[31:60]) / 29
+    assert after / before == pytest.approx(2.0, rel=0.25)
