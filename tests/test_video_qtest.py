@@ -527,3 +527,17 @@ def test_reset_while_a_stream_decodes_leaves_nothing_for_the_next_driver(video):
     result = fresh.decode(1, p.Format.H264, [(d, ns(pts)) for d, pts in packets])
     assert [pic.crc for pic in result.pictures] == reference("h264", [d for d, _ in packets])
     assert v.m.alive()
+
+
+def test_corrupt_inputs_are_logged_once_per_stream(video):
+    """A guest that sends corrupt input after corrupt input cannot fill the
+    host's log: one line per stream (issue 15 measured ~130 KB/s before)."""
+    good = encode("vp8", 160, 96, 10)
+    rng = np.random.default_rng(2)
+    broken = [(good[0][0], 0)] + [(rng.integers(0, 256, 2000, np.uint8).tobytes(), i)
+                                  for i in range(1, 60)]
+    result = video.run([StreamRun(video, 1, p.Format.VP8, broken)])[0]
+    assert result.input_flags.count(p.BufferFlag.ERR) > 40     # FFmpeg refused most
+    lines = [line for line in video.m.stderr().splitlines() if "corrupt input" in line]
+    assert len(lines) == 1, lines
+    assert "logged once per stream" in lines[0]

@@ -49,7 +49,6 @@ from typing import Any
 
 import numpy as np
 
-from pyemb import log
 from pyemb.device import Request
 from pyemb.video import protocol as p
 from pyemb.video.resources import Resource
@@ -145,6 +144,7 @@ class Write:
 
 class DecoderStream(StreamWorker):
     role = "decoding"
+    kind = "decoder"
 
     def __init__(self, stream_id: int, coded_format: int, in_mem: int, out_mem: int,
                  session: DecodeSession, send_event: Callable[[int, int], None],
@@ -395,7 +395,7 @@ class DecoderStream(StreamWorker):
                 pictures = self.session.decode(entry.resource.read(entry.length),
                                                entry.timestamp)
             except DecodeError as e:
-                log.warning(f"virtio-video stream {self.id}: corrupt input: {e}")
+                self.warn("corrupt", f"corrupt input: {e}")
                 failed = True
             except ValueError:          # the resource was destroyed under us
                 failed = True
@@ -403,7 +403,7 @@ class DecoderStream(StreamWorker):
             try:
                 pictures = self.session.flush()
             except DecodeError as e:
-                log.warning(f"virtio-video stream {self.id}: corrupt input at drain: {e}")
+                self.warn("corrupt", f"corrupt input at drain: {e}")
         elif entry is Marker.RESET:
             self.session.reset()
         lock = self.lock
@@ -524,8 +524,7 @@ class DecoderStream(StreamWorker):
             self.unpushed = True
             if write.cancelled or error is not None:
                 if error is not None and not write.cancelled:
-                    log.warning(f"virtio-video stream {self.id}: output resource "
-                                f"{out.resource.resource_id}: {error}")
+                    self.warn("output", f"output resource {out.resource.resource_id}: {error}")
                 buffer_done(out.request, out.resource, 0, p.BufferFlag.ERR)
                 if not write.stale and self.state in LIVE:
                     self.pictures.appendleft(pic)   # it waits for the next buffer

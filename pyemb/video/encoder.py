@@ -45,7 +45,6 @@ from typing import Any
 
 import numpy as np
 
-from pyemb import log
 from pyemb.device import ProtocolError, Request
 from pyemb.video import protocol as p
 from pyemb.video.decoder import MAX_BUFFERS, guest_or_minimum, plane_formats
@@ -155,6 +154,7 @@ class Controls:
 
 class EncoderStream(StreamWorker):
     role = "encoding"
+    kind = "encoder"
 
     def __init__(self, stream_id: int, coded_format: int, in_mem: int, out_mem: int,
                  backend: VideoBackend, send_event: Callable[[int, int], None],
@@ -196,7 +196,6 @@ class EncoderStream(StreamWorker):
         # encoded starts a new session (a keyframe, with headers).
         self.skip_to_keyframe = False
         self.resync = False
-        self.warned: set[str] = set()   # what was logged: once per stream and kind
         self.session: EncodeSession | None = None      # the worker's only
         self.session_key: tuple[EncoderSettings, int] | None = None   # settings, generation
         self._settings: EncoderSettings | None = None  # cache of settings()
@@ -549,7 +548,7 @@ class EncoderStream(StreamWorker):
                 return packets
             self.unpushed = True
             if error is not None:
-                self._warn("input", f"input resource {job.resource.resource_id}: {error}")
+                self.warn("input", f"input resource {job.resource.resource_id}: {error}")
             buffer_done(job.request, job.resource, job.timestamp,
                         p.BufferFlag.ERR if picture is None else 0)
         if picture is not None:
@@ -580,19 +579,11 @@ class EncoderStream(StreamWorker):
         try:
             return call(*args)
         except Exception as e:  # noqa: BLE001 - any engine failure is the stream's
-            self._warn("engine", f"{type(e).__name__}: {e}")
+            self.warn("engine", f"{type(e).__name__}: {e}")
             self._close_session()
             with self.lock:
                 self._fail()
             raise StreamFailed from e
-
-    def _warn(self, kind: str, message: str) -> None:
-        """Log what a guest caused once per stream and kind: a guest that
-        repeats it cannot fill the host's log."""
-        if kind not in self.warned:
-            self.warned.add(kind)
-            log.warning(f"virtio-video encoder stream {self.id}: {message} "
-                        "(logged once per stream)")
 
     def _close_session(self) -> None:
         if self.session is not None:
@@ -616,7 +607,7 @@ class EncoderStream(StreamWorker):
                 continue
             self.skip_to_keyframe = False
             if len(entry.data) > out.resource.size:
-                self._warn("too-big", f"a {len(entry.data)}-byte packet does not fit output "
+                self.warn("too-big", f"a {len(entry.data)}-byte packet does not fit output "
                            f"resource {out.resource.resource_id} ({out.resource.size} bytes)")
                 buffer_done(out.request, out.resource, entry.timestamp, p.BufferFlag.ERR)
                 self.skip_to_keyframe = self.resync = True

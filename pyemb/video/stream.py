@@ -19,6 +19,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
+from pyemb import log
 from pyemb.device import Request, write_all
 from pyemb.threadname import set_native_name
 from pyemb.video import protocol as p
@@ -48,6 +49,7 @@ class StreamWorker:
     ``_close_engine``, and call ``start_worker`` once their state is made."""
 
     role = "video"                     # "decoding" or "encoding", for the log
+    kind = "video"                     # "decoder" or "encoder"
 
     def __init__(self, stream_id: int, send_event: Callable[[int, int], None],
                  report: Callable[[BaseException, str], None],
@@ -60,6 +62,7 @@ class StreamWorker:
         self.drain: Request | None = None
         self.deferred: list[tuple[Request, bytes]] = []   # answers the worker sends
         self.unpushed = False           # the worker's open batch holds completions
+        self.warned: set[str] = set()   # what was logged: once per stream and kind
 
     def start_worker(self, thread_name: str, native_name: str) -> None:
         self._native_name = native_name
@@ -100,6 +103,15 @@ class StreamWorker:
                 self._fail()
         finally:
             self._close_engine()
+
+    def warn(self, kind: str, message: str) -> None:
+        """Log what a guest caused once per stream and kind: a guest that
+        repeats it (a corrupt input per buffer, say) cannot fill the
+        host's log."""
+        if kind not in self.warned:
+            self.warned.add(kind)
+            log.warning(f"virtio-video {self.kind} stream {self.id}: {message} "
+                        "(logged once per stream)")
 
     def _end_drain(self, status: int) -> None:
         if self.drain is not None:
