@@ -525,3 +525,19 @@ def test_an_engine_bug_fails_the_stream_and_leaves_nothing_hanging(rig):
     answer = rig.command(p.Cmd.STREAM_DESTROY)
     assert p.HDR.unpack_from(answer.reply)[0] == p.Resp.OK_NODATA
     assert rig.session.closed
+
+
+def test_events_waiting_for_buffers_are_bounded_and_not_repeated():
+    """Issue 15: 200,000 drains on a stream with no pictures, no event
+    buffer posted, grew QEMU by 14 MB of queued events."""
+    from pyemb.video.device import MAX_PENDING_EVENTS
+
+    dev = VideoDevice(FakeHandle(ram_size=PAGE), {}, backend_class=HeldBackend)
+    for _ in range(1000):
+        dev.send_event(p.EventType.ERROR, 1)
+    assert list(dev.pending_events) == [(p.EventType.ERROR, 1)]
+    for sid in range(10_000):
+        dev.send_event(p.EventType.DECODER_RESOLUTION_CHANGED, sid)
+    assert len(dev.pending_events) == MAX_PENDING_EVENTS
+    assert dev.pending_events[-1] == (p.EventType.DECODER_RESOLUTION_CHANGED, 9_999)
+    dev.close()

@@ -29,6 +29,7 @@ from pyemb.video_backend import PyAVBackend, VideoBackend
 
 MAX_CAPS_LENGTH = 4096
 MAX_RESP_LENGTH = 1024
+MAX_PENDING_EVENTS = 256
 QUEUE_TYPES = (p.QueueType.INPUT, p.QueueType.OUTPUT)
 
 
@@ -133,9 +134,17 @@ class VideoDevice(DeviceModel):
             self._flush_events()
 
     def send_event(self, event_type: int, stream_id: int) -> None:
-        """Report an event; kept until the driver posts an event buffer."""
+        """Report an event; kept until the driver posts an event buffer.
+        An event already waiting is not queued twice (the driver acts on
+        one: it re-reads the params, or fails the stream), and at most
+        MAX_PENDING_EVENTS wait, the oldest going first: a guest that posts
+        no event buffer cannot grow the host's memory with events."""
         with self.event_lock:
-            self.pending_events.append((event_type, stream_id))
+            event = (event_type, stream_id)
+            if event not in self.pending_events:
+                if len(self.pending_events) == MAX_PENDING_EVENTS:
+                    self.pending_events.popleft()
+                self.pending_events.append(event)
             self._flush_events()
 
     def _flush_events(self) -> None:
