@@ -541,3 +541,46 @@ def test_corrupt_inputs_are_logged_once_per_stream(video):
     lines = [line for line in video.m.stderr().splitlines() if "corrupt input" in line]
     assert len(lines) == 1, lines
     assert "logged once per stream" in lines[0]
+
+
+def test_resources_per_queue_are_bounded(video):
+    """Issue 15: 300 resources of 4,096 entries took QEMU from 36 MB to
+    601 MB.  A queue has at most 64 (V4L2's VIDEO_MAX_FRAME); replacing one
+    is always allowed."""
+    video.create_stream(1, p.Format.H264)
+    page = video.alloc_entries(4096, 1)
+    for rid in range(64):
+        video.create_resource(1, p.QueueType.INPUT, rid, page)
+    num_entries = [1] + [0] * 7
+    cmd = p.RESOURCE_CREATE.pack(p.Cmd.RESOURCE_CREATE, 1, p.QueueType.INPUT, 64,
+                                 p.PlanesLayout.SINGLE_BUFFER, 1, *([0] * 8), *num_entries)
+    reply = video.call(cmd, extra=p.MEM_ENTRY.pack(*page[0]))
+    assert status_of(reply) == p.Resp.ERR_OUT_OF_MEMORY
+    video.create_resource(1, p.QueueType.INPUT, 5, page)           # a replacement
+    video.create_resource(1, p.QueueType.OUTPUT, 64, page)         # the other queue
+
+
+def test_mapped_entries_share_a_device_budget(tmp_path):
+    cfg = tmp_path / "video.toml"
+    cfg.write_text("[video]\nmax_mapped_entries = 100\n")
+    m = start("pci", "virtio-video-py", f"config={cfg}", mem_mb=256)
+    try:
+        dev = m.find_virtio(p.DECODER_DEVICE_ID)
+        dev.initialize(want_features=0b11)
+        video = VideoClient(m, dev)
+        video.create_stream(1, p.Format.H264)
+        video.create_stream(2, p.Format.H264)
+        sixty = video.alloc_entries(60 * 4096, 60)
+        video.create_resource(1, p.QueueType.INPUT, 0, sixty)
+        num_entries = [60] + [0] * 7
+        cmd = p.RESOURCE_CREATE.pack(p.Cmd.RESOURCE_CREATE, 2, p.QueueType.INPUT, 0,
+                                     p.PlanesLayout.SINGLE_BUFFER, 1, *([0] * 8), *num_entries)
+        body = b"".join(p.MEM_ENTRY.pack(a, n) for a, n in sixty)
+        assert status_of(video.call(cmd, extra=body)) == p.Resp.ERR_OUT_OF_MEMORY
+        # Destroying the first stream's resources gives their entries back.
+        video.call_ok(p.QUEUE_CMD.pack(p.Cmd.RESOURCE_DESTROY_ALL, 1, p.QueueType.INPUT))
+        video.create_resource(2, p.QueueType.INPUT, 0, sixty)
+        video.call_ok(p.HDR.pack(p.Cmd.STREAM_DESTROY, 2))
+        video.create_resource(1, p.QueueType.INPUT, 1, sixty)
+    finally:
+        m.stop()

@@ -23,8 +23,8 @@ from pyemb.config import ConfigError, get_int, section
 from pyemb.device import DeviceHandle, DeviceModel, ProtocolError, Request, write_all
 from pyemb.video import protocol as p
 from pyemb.video.decoder import DecoderStream, guest_or_minimum, plane_formats
-from pyemb.video.encoder import EncoderStream, PixelBudget
-from pyemb.video.resources import Resource, map_entries, parse_entries
+from pyemb.video.encoder import EncoderStream
+from pyemb.video.resources import MAX_RESOURCES, Budget, Resource, map_entries, parse_entries
 from pyemb.video_backend import PyAVBackend, VideoBackend
 
 MAX_CAPS_LENGTH = 4096
@@ -66,8 +66,12 @@ class VideoDevice(DeviceModel):
         self.device_name = name.encode()
         self.max_streams = get_int(video, "max_streams", 128, 1, 1024, "video")
         # Sixteen 1080p streams: what the encoders' own pictures may take.
-        self.encode_budget = PixelBudget(get_int(video, "max_encode_pixels", 16 * 1920 * 1080,
-                                                 16 * 16, 1 << 31, "video"))
+        self.encode_budget = Budget(get_int(video, "max_encode_pixels", 16 * 1920 * 1080,
+                                            16 * 16, 1 << 31, "video"))
+        # Each mapped guest entry is a Python object (about 0.5 KB with its
+        # bookkeeping): the device's resources share a budget of them.
+        self.entry_budget = Budget(get_int(video, "max_mapped_entries", 262144, 1,
+                                           1 << 24, "video"))
         backend_class = backend_class or PyAVBackend
         if not issubclass(backend_class, VideoBackend):
             raise ConfigError(f"backend {backend_class.__name__} is not a pyemb VideoBackend")
@@ -250,8 +254,21 @@ class VideoDevice(DeviceModel):
             if old is not None and old.queued:
                 raise ProtocolError(p.Resp.ERR_INVALID_RESOURCE_ID,
                                     f"resource {resource_id} is queued")
-        chunks = map_entries(self.handle, entries, writable=queue_type == p.QueueType.OUTPUT)
-        resource = Resource(resource_id, queue_type, layout, offsets[:num_planes], chunks)
+            if old is None and len(stream.resources[queue_type]) >= MAX_RESOURCES:
+                raise ProtocolError(p.Resp.ERR_OUT_OF_MEMORY,
+                                    f"more than {MAX_RESOURCES} resources on a queue")
+        if not self.entry_budget.take(count):
+            raise ProtocolError(p.Resp.ERR_OUT_OF_MEMORY,
+                                f"{count} entries: the device's resources are at their "
+                                "max_mapped_entries")
+        try:
+            chunks = map_entries(self.handle, entries,
+                                 writable=queue_type == p.QueueType.OUTPUT)
+        except ProtocolError:
+            self.entry_budget.give(count)
+            raise
+        resource = Resource(resource_id, queue_type, layout, offsets[:num_planes], chunks,
+                            budget=self.entry_budget)
         with stream.lock:
             old = stream.resources[queue_type].pop(resource_id, None)
             if old is not None:

@@ -28,14 +28,13 @@ Memory a guest can make the host hold: packets wait for output buffers in
 guest that queues pictures and never a bitstream buffer holds at most that
 many packets (and its own buffers).  An encode session holds the encoder's
 own pictures (measured at 1080p: libx264 56 MB, libvpx-vp9 106 MB, libx265
-118 MB): the device's streams share a ``PixelBudget`` of picture area, taken
+118 MB): the device's streams share a ``Budget`` of picture area, taken
 when a stream queues its first picture of a size and given back when it is
 destroyed, and a picture beyond it is refused with ERR_OUT_OF_MEMORY.
 """
 
 from __future__ import annotations
 
-import threading
 from collections import deque
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -48,7 +47,7 @@ import numpy as np
 from pyemb.device import ProtocolError, Request
 from pyemb.video import protocol as p
 from pyemb.video.decoder import MAX_BUFFERS, guest_or_minimum, plane_formats
-from pyemb.video.resources import Resource
+from pyemb.video.resources import Budget, Resource
 from pyemb.video.stream import OutputBuffer, StreamWorker, buffer_done
 from pyemb.video_backend import (
     EncoderSettings,
@@ -66,26 +65,6 @@ MAX_BITRATE = 1_000_000_000           # the ChromeOS driver's control maximum
 MIN_BITSTREAM_BUFFER = 64 << 10
 MAX_PENDING_PACKETS = 64
 MAX_FRAME_RATE = 120
-
-
-class PixelBudget:
-    """The picture area (width x height) every encoder stream of a device may
-    encode at once; shared, so thread-safe."""
-
-    def __init__(self, pixels: int) -> None:
-        self.left = pixels
-        self._lock = threading.Lock()
-
-    def take(self, pixels: int) -> bool:
-        with self._lock:
-            if pixels > self.left:
-                return False
-            self.left -= pixels
-            return True
-
-    def give(self, pixels: int) -> None:
-        with self._lock:
-            self.left += pixels
 
 
 def bitstream_buffer_size(width: int, height: int) -> int:
@@ -160,10 +139,10 @@ class EncoderStream(StreamWorker):
                  backend: VideoBackend, send_event: Callable[[int, int], None],
                  report: Callable[[BaseException, str], None],
                  completion_batch: Callable[[], AbstractContextManager[Any]],
-                 budget: PixelBudget | None = None) -> None:
+                 budget: Budget | None = None) -> None:
         super().__init__(stream_id, send_event, report, completion_batch)
         self.backend = backend
-        self.budget = budget or PixelBudget(1 << 62)
+        self.budget = budget or Budget(1 << 62)
         self.reserved = 0               # of the budget, for the size being encoded
         width, height = DEFAULT_SIZE
         self.params = {

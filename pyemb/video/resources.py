@@ -3,6 +3,7 @@ mapped once at RESOURCE_CREATE and read or written in place."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -11,6 +12,30 @@ from pyemb.device import DeviceHandle, GuestMapping, ProtocolError
 from pyemb.video import protocol as p
 
 MAX_ENTRIES = 4096                # per resource; a 4K NV12 picture is ~3000 pages
+# Resources per queue of a stream: V4L2's VIDEO_MAX_FRAME, the most buffers a
+# V4L2 queue can have.
+MAX_RESOURCES = 64
+
+
+class Budget:
+    """A count a device's streams share (mapped guest entries, encoded
+    picture area): taken before what it bounds is made, given back when
+    that goes.  Thread-safe."""
+
+    def __init__(self, total: int) -> None:
+        self.left = total
+        self._lock = threading.Lock()
+
+    def take(self, amount: int) -> bool:
+        with self._lock:
+            if amount > self.left:
+                return False
+            self.left -= amount
+            return True
+
+    def give(self, amount: int) -> None:
+        with self._lock:
+            self.left += amount
 
 
 @dataclass
@@ -24,12 +49,15 @@ class Resource:
     chunks: list[GuestMapping]
     queued: bool = False
     older_geometry: bool = False      # made before the last resolution change
+    budget: Budget | None = None      # its entries go back to it when released
     size: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.size = sum(c.length for c in self.chunks)
 
     def release(self) -> None:
+        if self.chunks and self.budget is not None:
+            self.budget.give(len(self.chunks))
         for chunk in self.chunks:
             chunk.release()
         self.chunks = []
