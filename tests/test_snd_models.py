@@ -567,3 +567,47 @@ def test_default_backend_comes_from_the_device_property():
     assert all(isinstance(s.backend, NullBackend) for s in model.streams)
     with pytest.raises(ConfigError, match="not a pyemb SndBackend"):
         SoundDevice(FakeHandle(), {}, backend_class=dict)
+
+
+def rx_split(card: Card, sizes: list[int], sid: int = 1) -> FakeRequest:
+    """An rx message whose payload descriptors split where a guest's pages
+    do, e.g. 3 + 1021 bytes of S16 stereo: a sample across two views."""
+    req = FakeRequest([struct.pack("<I", sid)], [*sizes, 8], queue=p.RX_QUEUE)
+    card.model.handle_request(p.RX_QUEUE, req)
+    return req
+
+
+@pytest.mark.parametrize("gain", [False, True])
+def test_capture_split_mid_sample_is_bit_exact_and_the_stream_lives(tmp_path, gain):
+    """Issue 15: with a capture gain (scale() could not reshape a view that
+    is not whole frames) or after STOP (silence of len(view) // 2 samples
+    into a view of odd length) the pacing thread died and the stream hung."""
+    source = signal(1024 * 6, seed=4)
+    src_path = tmp_path / "in.wav"
+    from pyemb.snd_backend import StreamParams, wav_header
+    src_path.write_bytes(wav_header(StreamParams(0, "input", 2, "S16", RATE, 0, 0),
+                                    len(source)) + source)
+    c = Card(tmp_path, streams=[{"direction": "input", "formats": ["S16"], "rates": [RATE],
+                                 "backend": {"name": "wav", "path": str(src_path)}}])
+    try:
+        if gain:    # capture volume 80 on both channels
+            value = struct.pack("<2I", 80, 80).ljust(p.CTL_VALUE_SIZE, b"\0")
+            assert status(c.control(p.CTL_HDR.pack(p.Code.CTL_WRITE, 0) + value)) == p.Status.OK
+        assert c.set_params(sid=0, period=1024) == p.Status.OK
+        assert c.op(p.Code.PCM_PREPARE) == p.Status.OK
+        reqs = [rx_split(c, [3, 1021], sid=0) for _ in range(4)]
+        assert c.op(p.Code.PCM_START) == p.Status.OK
+        wait_done(reqs)
+        got = b"".join(r.reply[:1024] for r in reqs)
+        expected = source[:4096]
+        if gain:
+            expected = scale(expected, SAMPLE_FORMATS["S16"], 2, [volume_gain(80)] * 2)
+        assert got == expected
+        # Pending at STOP: completed with silence, split mid-sample too.
+        late = [rx_split(c, [1, 1023], sid=0) for _ in range(2)]
+        assert c.op(p.Code.PCM_STOP) == p.Status.OK
+        wait_done(late)
+        assert all(r.reply[:1024] == bytes(1024) for r in late)
+        assert c.op(p.Code.PCM_RELEASE) == p.Status.OK
+    finally:
+        c.model.close()

@@ -70,6 +70,14 @@ class Message:
     nbytes: int
 
 
+def scatter(views: list[memoryview], data: bytes | memoryview) -> None:
+    """``data`` laid over ``views`` in order (it may be longer than they are)."""
+    offset = 0
+    for view in views:
+        view[:] = data[offset:offset + len(view)]
+        offset += len(view)
+
+
 def split_message(request: Request, header: int) -> tuple[list[memoryview], memoryview]:
     """The PCM payload views and the 8-byte status view of a tx/rx request.
 
@@ -377,22 +385,21 @@ class PcmStream:
                     data = scale(data, params.sample, params.channels, gains)
                 status = self._backend_io(self.backend.write, data)
         elif flush or self._failed:
-            for view in msg.payload:
-                view[:] = silence(params.sample, len(view))
+            # Whole samples of silence over the message, whatever its views'
+            # sizes: a guest may split a sample between two descriptors.
+            scatter(msg.payload, silence(params.sample, msg.nbytes + params.sample.width))
         else:
-            if len(msg.payload) == 1:
-                status = self._backend_io(self.backend.read, msg.payload[0])
-            else:
-                buf = bytearray(msg.nbytes)
-                status = self._backend_io(self.backend.read, memoryview(buf))
-                offset = 0
-                for view in msg.payload:
-                    view[:] = buf[offset:offset + len(view)]
-                    offset += len(view)
+            single = msg.payload[0] if len(msg.payload) == 1 else None
+            buf = single if single is not None else memoryview(bytearray(msg.nbytes))
+            status = self._backend_io(self.backend.read, buf)
             gains = self.controls.gains()
             if gains is not None and status == p.Status.OK:
-                for view in msg.payload:
-                    view[:] = scale(view, params.sample, params.channels, gains)
+                # Over the whole message (frames may cross views); a tail
+                # that is not a whole frame is left as read.
+                whole = msg.nbytes - msg.nbytes % params.frame_bytes
+                buf[:whole] = scale(buf[:whole], params.sample, params.channels, gains)
+            if single is None:
+                scatter(msg.payload, buf)
         now = time.monotonic()
         frames = msg.nbytes // params.frame_bytes
         with self._cond:
