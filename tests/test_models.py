@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 
 from pyemb.config import ConfigError, import_class
@@ -9,7 +11,6 @@ from pyemb.device import DeviceModel, write_all
 from pyemb.host import create_device
 from pyemb.video import protocol as video
 from pyemb.video.device import VideoDevice
-from pyemb.video_backend import PyAVBackend
 from tests.fakes import FakeHandle, FakeRequest
 
 
@@ -37,9 +38,14 @@ def test_video_capabilities_list_pyav_decoders_with_compatible_masks():
     reply = control(model, query_capability(video.QueueType.INPUT), 4096)
     resp, _, num = video.CAPABILITY_RESP.unpack_from(reply)
     assert resp == video.Resp.OK_QUERY_CAPABILITY
-    coded = PyAVBackend().coded_formats()
-    assert num == len(coded) and video.Format.H264 in coded
-    expected = b"".join(d.pack() for d in PyAVBackend().capabilities(video.QueueType.INPUT))
+    # Written out from the protocol page, not from the backend the device
+    # asks: each coded format, compatible with both raw outputs (mask 0b11),
+    # one frame range 16..4096 in steps of 1 with rates 1..120.
+    frame = struct.pack("<III4xIII4xI4x", 16, 4096, 1, 16, 4096, 1, 1)
+    frame += struct.pack("<III4x", 1, 120, 1)
+    formats = [0x1002, 0x1003, 0x1004, 0x1005, 0x1000, 0x1001]  # H.264 HEVC VP8 VP9 MPEG-2/4
+    expected = b"".join(struct.pack("<QIIII", 0b11, fmt, 1, 1, 1) + frame for fmt in formats)
+    assert num == len(formats)
     assert reply[video.CAPABILITY_RESP.size:] == expected
 
 
