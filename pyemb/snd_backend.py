@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import struct
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -372,8 +371,6 @@ class PortAudioBackend(SndBackend):
         self.latency = latency
         self._stream: Any = None
         self._convert = False
-        self._lock = threading.Lock()
-        self.underflows = 0
 
     def open(self, params: StreamParams) -> None:
         self.close()
@@ -421,8 +418,7 @@ class PortAudioBackend(SndBackend):
         data: Any = frames
         if self._convert:
             data = to_float(frames, self.params.sample).astype(np.float32).tobytes()
-        if self._call(self._stream.write, data):
-            self.underflows += 1
+        self._call(self._stream.write, data)
 
     def read(self, frames: memoryview) -> None:
         if self._stream is None:

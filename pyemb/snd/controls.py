@@ -164,15 +164,6 @@ class ControlSet:
             self._notify(cid, 1 << p.CTL_EVT_MASK_VALUE)
         return p.status_reply(p.Status.OK)
 
-    def set(self, cid: int, values: list[int]) -> None:
-        """Change a value from the host side; the guest is told."""
-        control = self.controls[cid]
-        with self._lock:
-            changed = control.write(struct.pack(f"<{control.count}i", *values))
-        self._owners[cid].update()
-        if changed:
-            self._notify(cid, 1 << p.CTL_EVT_MASK_VALUE)
-
     def tlv_read(self, command: bytes, reply_room: int) -> bytes:
         if len(command) != p.CTL_HDR.size:
             raise ProtocolError(p.Status.BAD_MSG, "CTL_TLV_READ of wrong size")

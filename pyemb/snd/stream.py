@@ -138,9 +138,6 @@ class PcmStream:
         self._generation = 0
         # figures for tests and benchmarks
         self.frames_total = 0
-        self.completions: list[tuple[float, int]] = []   # (monotonic, frames)
-        self.record_completions = False
-        self.first_frame_at: float | None = None
         self.started_at: float | None = None
 
     # -- control requests (main loop) ------------------------------------------
@@ -209,7 +206,6 @@ class PcmStream:
             self._anchor = time.monotonic()
             self._frames = 0
             self.started_at = self._anchor
-            self.first_frame_at = None
             self._cond.notify_all()
 
     def stop(self) -> None:
@@ -400,7 +396,6 @@ class PcmStream:
                 buf[:whole] = scale(buf[:whole], params.sample, params.channels, gains)
             if single is None:
                 scatter(msg.payload, buf)
-        now = time.monotonic()
         frames = msg.nbytes // params.frame_bytes
         with self._cond:
             if self._generation != generation or not self._queue or self._queue[0] is not msg:
@@ -409,10 +404,6 @@ class PcmStream:
             self._queued_bytes -= msg.nbytes
             self._frames += frames
             self.frames_total += frames
-            if self.first_frame_at is None:
-                self.first_frame_at = now
-            if self.record_completions:
-                self.completions.append((now, self.frames_total))
             latency = self._queued_bytes
         if self.output:
             if self._own_clock():
