@@ -26,8 +26,8 @@ from fractions import Fraction
 from typing import Any
 
 from pyemb.config import ConfigError
+from pyemb.pyav_swscale import Converter
 from pyemb.video.protocol import BufferFlag, Format
-from pyemb.video.swscale import Converter
 from pyemb.video_backend import EncoderSettings, EncodeSession, Packet, RawImage
 
 
@@ -267,7 +267,7 @@ class PyAVEncodeSession(EncodeSession):
 
         import numpy as np
 
-        from pyemb.video.swscale import layout_fits, plane_shapes
+        from pyemb.pyav_swscale import layout_fits, plane_shapes
 
         shapes = plane_shapes(source, image.width, image.height)
         if not layout_fits(image.layout, shapes, image.size):

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from pyemb.config import ConfigError
+from pyemb.pyav_swscale import Converter, plane_shapes
 from pyemb.video.protocol import (
     BufferFlag,
     Format,
@@ -27,7 +28,6 @@ from pyemb.video.protocol import (
     QueueType,
     Range,
 )
-from pyemb.video.swscale import Converter, plane_shapes
 
 
 class DecodeError(Exception):

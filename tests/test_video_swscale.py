@@ -7,8 +7,8 @@ import av
 import numpy as np
 import pytest
 
+from pyemb.pyav_swscale import Converter, layout_fits, plane_shapes
 from pyemb.video import protocol as p
-from pyemb.video.swscale import Converter, layout_fits, plane_shapes
 from pyemb.video_backend import PyAVPicture, fill
 from tests.streams import picture, visible
 
