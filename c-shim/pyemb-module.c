@@ -318,7 +318,14 @@ static PyObject *request_complete(PyObject *self, PyObject *args,
 static void request_dealloc(PyObject *self)
 {
     PyembRequest *req = (PyembRequest *)self;
+    PyObject *exc, *value, *tb;
 
+    /*
+     * A request may be freed while an exception propagates (a C function
+     * that failed drops its references): what runs below calls into Python
+     * and clears errors, so the exception in flight is put aside meanwhile.
+     */
+    PyErr_Fetch(&exc, &value, &tb);
     if (!req->finished && req->dev) {
         if (req->dev->dropping) {
             /* A reset or unplug forgets requests: that is what it is for. */
@@ -335,6 +342,7 @@ static void request_dealloc(PyObject *self)
     Py_XDECREF(req->writable);
     Py_XDECREF(req->regions);
     PyObject_Free(self);
+    PyErr_Restore(exc, value, tb);
 }
 
 static PyObject *request_get_done(PyObject *self, void *closure)
@@ -453,11 +461,14 @@ static PyObject *mapping_exit(PyObject *self, PyObject *args)
 static void mapping_dealloc(PyObject *self)
 {
     PyembMapping *m = (PyembMapping *)self;
+    PyObject *exc, *value, *tb;
 
+    PyErr_Fetch(&exc, &value, &tb);     /* as in request_dealloc */
     mapping_release(m);
     Py_XDECREF(m->view);
     Py_XDECREF(m->region);
     PyObject_Free(self);
+    PyErr_Restore(exc, value, tb);
 }
 
 static PyObject *mapping_get_view(PyObject *self, void *closure)

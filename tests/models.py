@@ -87,6 +87,19 @@ class ProbeDevice(DeviceModel):
             threading.Thread(target=self._complete_in_batch, args=(held, float(args[0])),
                              daemon=True).start()
             self.reply(request, str(len(held)))
+        elif op == "drop-held-while-raising":
+            # sorted() owns the only references to a held request and a
+            # guest mapping, fails comparing them and frees its list with
+            # the TypeError set: the exception must still arrive.
+            def items():
+                yield self.held.pop()
+                yield self.handle.map_guest(int(args[0], 0), 4096, writable=True)
+            try:
+                sorted(items())
+            except TypeError:
+                self.reply(request, "caught TypeError")
+            except Exception as e:  # noqa: BLE001 - what arrived instead is the answer
+                self.reply(request, f"lost: {type(e).__name__}: {e}")
         elif op == "complete-stash":
             self.reply(request, " ".join(str(r.complete(0)) for r in self.stash))
         else:

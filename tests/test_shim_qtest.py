@@ -296,3 +296,14 @@ def test_libpython_is_loaded_only_when_a_pyemb_device_is_used():
         assert not libpython_mapped(m)
         m.qmp.execute("device_add", driver="virtio-snd-py-pci", id="py0")
         assert libpython_mapped(m)
+
+
+def test_freeing_a_request_or_mapping_keeps_the_exception_in_flight(probe):
+    """Issue 15: request_dealloc and mapping_dealloc called into Python and
+    then PyErr_Clear() without saving the exception being propagated, so
+    freeing a Request (or a GuestMapping) while unwinding swallowed it."""
+    m, dev = probe
+    hold(dev, 1)
+    addr = m.alloc.alloc(4096)
+    assert command(dev, f"drop-held-while-raising {addr:#x}") == "caught TypeError"
+    assert m.alive()
