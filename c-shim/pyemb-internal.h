@@ -70,6 +70,12 @@ struct VirtIOPyemb {
     QTAILQ_HEAD(, PyembMapping) mappings;
     bool warned_kept_views;
     bool dropping;              /* in model.reset()/close(): drops are fine */
+    /*
+     * Elements of requests another thread freed while the dropping thread
+     * (which holds the BQL) had let the GIL go: that thread detaches them
+     * when the model's reset or close returns.  PyembOrphan entries.
+     */
+    GArray *orphans;
 
     /*
      * Completions from threads without the BQL, pushed by completion_bh
@@ -100,6 +106,11 @@ void pyemb_device_handle_detach(PyObject *handle);
 PyObject *pyemb_request_new(VirtIOPyemb *s, unsigned queue_index,
                             VirtQueueElement *elem);
 bool pyemb_request_finish(PyObject *request, uint32_t written);
+typedef struct PyembOrphan {
+    unsigned queue_index;
+    VirtQueueElement *elem;
+} PyembOrphan;
+
 unsigned pyemb_cancel_requests(VirtIOPyemb *s);
 void pyemb_cancel_request(PyembRequest *req);
 void pyemb_release_mappings(VirtIOPyemb *s);

@@ -266,6 +266,8 @@ void pyemb_cancel_request(PyembRequest *req)
 {
     VirtIOPyemb *s = req->dev;
 
+    assert(bql_locked());       /* the virtqueue is QEMU's: only under its lock */
+
     QTAILQ_REMOVE(&s->live_requests, req, next);
     req->finished = true;
     req->cancelled = true;
@@ -276,10 +278,37 @@ void pyemb_cancel_request(PyembRequest *req)
     req->dev = NULL;
 }
 
+/*
+ * Forget @req without the BQL: its element waits in s->orphans for the
+ * thread that is dropping (it holds the BQL) to detach it.  GIL held.
+ */
+static void pyemb_orphan_request(PyembRequest *req)
+{
+    VirtIOPyemb *s = req->dev;
+    PyembOrphan orphan = { req->queue_index, req->elem };
+
+    QTAILQ_REMOVE(&s->live_requests, req, next);
+    req->finished = true;
+    req->cancelled = true;
+    request_kill_views(req, s);
+    g_array_append_val(s->orphans, orphan);
+    req->elem = NULL;
+    req->dev = NULL;
+}
+
 /* Device reset or unrealize: drop every request the model still holds. */
 unsigned pyemb_cancel_requests(VirtIOPyemb *s)
 {
     unsigned n = 0;
+
+    for (guint i = 0; i < s->orphans->len; i++) {
+        PyembOrphan *orphan = &g_array_index(s->orphans, PyembOrphan, i);
+
+        virtqueue_detach_element(s->vqs[orphan->queue_index], orphan->elem, 0);
+        g_free(orphan->elem);
+        n++;
+    }
+    g_array_set_size(s->orphans, 0);
 
     while (!QTAILQ_EMPTY(&s->live_requests)) {
         pyemb_cancel_request(QTAILQ_FIRST(&s->live_requests));
@@ -327,9 +356,12 @@ static void request_dealloc(PyObject *self)
      */
     PyErr_Fetch(&exc, &value, &tb);
     if (!req->finished && req->dev) {
-        if (req->dev->dropping) {
+        if (req->dev->dropping && bql_locked()) {
             /* A reset or unplug forgets requests: that is what it is for. */
             pyemb_cancel_request(req);
+        } else if (req->dev->dropping) {
+            /* Another thread, while the dropping thread let the GIL go. */
+            pyemb_orphan_request(req);
         } else {
             warn_report("%s: a request on queue %u was dropped without being "
                         "completed; returning it to the guest empty",

@@ -485,6 +485,7 @@ static void pyemb_realize(DeviceState *dev, Error **errp)
         return;
     }
     QTAILQ_INIT(&s->live_requests);
+    s->orphans = g_array_new(false, false, sizeof(PyembOrphan));
     QTAILQ_INIT(&s->mappings);
     gil = pyemb_gil_acquire();
     ok = pyemb_create_model(s, &queue_sizes, errp);
@@ -535,6 +536,7 @@ static void pyemb_unrealize(DeviceState *dev)
     }
     g_clear_pointer(&s->vqs, g_free);
     virtio_cleanup(vdev);
+    g_array_free(s->orphans, true);
     qemu_mutex_destroy(&s->done_lock);
     pyemb_unregister_device(s);
 }

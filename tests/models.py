@@ -28,6 +28,7 @@ class ProbeDevice(DeviceModel):
         self.kept: list[memoryview] = []
         self.held: list[Request] = []
         self.resets = 0
+        self.orphan_on_reset = False
         super().__init__(handle, config)
 
     def queue_handlers(self) -> list[Callable[[Request], None]]:
@@ -39,6 +40,14 @@ class ProbeDevice(DeviceModel):
     def reset(self) -> None:
         super().reset()
         self.resets += 1
+        if self.orphan_on_reset:
+            # The last references to the held requests go on another thread
+            # while this one (QEMU's main loop, in the drop) waits for it
+            # with the GIL let go: a pacing thread ending during a reset.
+            held, self.held = self.held, []
+            thread = threading.Thread(target=held.clear, name="orphaning")
+            thread.start()
+            thread.join()
         self.held.clear()
 
     def reply(self, request: Request, text: str) -> None:
@@ -100,6 +109,9 @@ class ProbeDevice(DeviceModel):
                 self.reply(request, "caught TypeError")
             except Exception as e:  # noqa: BLE001 - what arrived instead is the answer
                 self.reply(request, f"lost: {type(e).__name__}: {e}")
+        elif op == "orphan-on-reset":
+            self.orphan_on_reset = True
+            self.reply(request, "armed")
         elif op == "complete-stash":
             self.reply(request, " ".join(str(r.complete(0)) for r in self.stash))
         else:

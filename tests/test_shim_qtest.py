@@ -307,3 +307,19 @@ def test_freeing_a_request_or_mapping_keeps_the_exception_in_flight(probe):
     addr = m.alloc.alloc(4096)
     assert command(dev, f"drop-held-while-raising {addr:#x}") == "caught TypeError"
     assert m.alive()
+
+
+def test_requests_freed_by_another_thread_during_a_reset_are_dropped_under_the_bql(probe):
+    """Issue 15: the `dropping` flag was per device, not per thread, so a
+    thread that freed a request while the main loop sat in a reset's drop
+    (the model let the GIL go) detached its element without the BQL.  The
+    shim now asserts the BQL there; the dropping thread detaches it."""
+    m, dev = probe
+    hold(dev, 3)
+    assert command(dev, "orphan-on-reset") == "armed"
+    dev.initialize()                            # driver reset, then a new driver
+    assert m.alive(), m.stderr()
+    assert command(dev, "status").startswith("pending=1 held=0")
+    assert dev.queues[1].poll() is None         # dropped, not completed
+    assert "dropped without being completed" not in m.stderr()
+    assert command(dev, "echo fine") == "fine"
