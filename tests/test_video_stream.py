@@ -429,7 +429,7 @@ def test_stream_destroy_while_decoding_returns_the_input_with_err_before_the_ans
     rig.session.decode_gate.open()
     rig.stream.thread.join(5)
     assert not rig.stream.thread.is_alive() and rig.session.closed
-    assert len(rig.events()) == events and not rig.dev.pending_events
+    assert len(rig.events()) == events and not rig.dev.events.pending
     assert not rig.handle.mappings
 
 
@@ -455,7 +455,7 @@ def test_reset_while_busy_completes_nothing_and_sends_no_event(rig, where):
     assert not rig.stream.thread.is_alive() and rig.session.closed
     assert len(rig.handle.used) == used, "something reached the guest after the reset"
     assert all(r.late == 0 for r in held + [job]), "the worker completed a dropped request"
-    assert not rig.dev.pending_events
+    assert not rig.dev.events.pending
     rig.post_event_buffer()
     assert len(rig.handle.used) == used
 
@@ -535,9 +535,9 @@ def test_events_waiting_for_buffers_are_bounded_and_not_repeated():
     dev = VideoDevice(FakeHandle(ram_size=PAGE), {}, backend_class=HeldBackend)
     for _ in range(1000):
         dev.send_event(p.EventType.ERROR, 1)
-    assert list(dev.pending_events) == [(p.EventType.ERROR, 1)]
+    assert list(dev.events.pending) == [p.EVENT.pack(p.EventType.ERROR, 1)]
     for sid in range(10_000):
         dev.send_event(p.EventType.DECODER_RESOLUTION_CHANGED, sid)
-    assert len(dev.pending_events) == MAX_PENDING_EVENTS
-    assert dev.pending_events[-1] == (p.EventType.DECODER_RESOLUTION_CHANGED, 9_999)
+    assert len(dev.events.pending) == MAX_PENDING_EVENTS
+    assert dev.events.pending[-1] == p.EVENT.pack(p.EventType.DECODER_RESOLUTION_CHANGED, 9_999)
     dev.close()

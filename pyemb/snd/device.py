@@ -9,13 +9,12 @@ changes nothing.
 
 from __future__ import annotations
 
-import threading
-from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from pyemb.config import ConfigError, section
 from pyemb.device import DeviceHandle, DeviceModel, ProtocolError, Request, write_all
+from pyemb.events import EventQueue
 from pyemb.snd import protocol as p
 from pyemb.snd.card import CardConfig, parse_card
 from pyemb.snd.controls import ControlSet
@@ -39,9 +38,7 @@ class SoundDevice(DeviceModel):
         if backend_class is not None and not issubclass(backend_class, SndBackend):
             raise ConfigError(f"backend {backend_class.__name__} is not a pyemb SndBackend")
         self.card: CardConfig = parse_card(section(config, "snd"), backend_class)
-        self._event_lock = threading.Lock()
-        self.event_buffers: deque[Request] = deque()
-        self.pending_events: deque[bytes] = deque(maxlen=MAX_PENDING_EVENTS)
+        self.events = EventQueue(p.EVENT.size, MAX_PENDING_EVENTS)
         self.controls = ControlSet(self._notify_control)
         self.jack_state = [j.connected for j in self.card.jacks]
         self.jack_remaps: dict[int, tuple[int, int]] = {}
@@ -79,9 +76,7 @@ class SoundDevice(DeviceModel):
     def reset(self) -> None:
         for stream in self.streams:
             stream.drop()
-        with self._event_lock:
-            self.event_buffers.clear()       # QEMU drops the held buffers
-            self.pending_events.clear()
+        self.events.clear()
         self.jack_state = [j.connected for j in self.card.jacks]
         self.jack_remaps.clear()
         super().reset()
@@ -89,33 +84,15 @@ class SoundDevice(DeviceModel):
     # -- events -----------------------------------------------------------------
     def on_event(self, request: Request) -> None:
         """Hold the buffer until there is an event to report."""
-        if request.writable_size < p.EVENT.size:
-            request.complete(0)
-            return
-        with self._event_lock:
-            if self.pending_events:
-                self._deliver(request, self.pending_events.popleft())
-            else:
-                self.event_buffers.append(request)
+        self.events.on_buffer(request)
 
     def post_event(self, code: int, data: int) -> None:
         """Send an event from any thread (kept if no buffer is posted yet)."""
-        self._post(p.event(p.Event(code), data))
-
-    def _post(self, payload: bytes) -> None:
-        with self._event_lock:
-            if self.event_buffers:
-                self._deliver(self.event_buffers.popleft(), payload)
-            else:
-                self.pending_events.append(payload)
-
-    @staticmethod
-    def _deliver(request: Request, payload: bytes) -> None:
-        request.complete(write_all(request, payload))
+        self.events.post(p.event(p.Event(code), data))
 
     def _notify_control(self, control_id: int, mask: int) -> None:
         if self.ctls_negotiated:
-            self._post(p.CTL_EVENT.pack(p.Event.CTL_NOTIFY, control_id, mask))
+            self.events.post(p.CTL_EVENT.pack(p.Event.CTL_NOTIFY, control_id, mask))
 
     def set_jack(self, jack_id: int, connected: bool) -> None:
         """Plug or unplug a jack from the host side; the guest gets an event."""

@@ -13,14 +13,13 @@ commands' parsing and checks are here, once.
 
 from __future__ import annotations
 
-import threading
 import weakref
-from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from pyemb.config import ConfigError, get_int, section
 from pyemb.device import DeviceHandle, DeviceModel, ProtocolError, Request, write_all
+from pyemb.events import EventQueue
 from pyemb.video import protocol as p
 from pyemb.video.decoder import DecoderStream, guest_or_minimum, plane_formats
 from pyemb.video.encoder import EncoderStream
@@ -80,9 +79,9 @@ class VideoDevice(DeviceModel):
         # Every stream whose worker may still run, destroyed ones included
         # (one ends a picture write after STREAM_DESTROY): a reset reaches them.
         self.workers: weakref.WeakSet[DecoderStream | EncoderStream] = weakref.WeakSet()
-        self.event_lock = threading.Lock()
-        self.event_buffers: deque[Request] = deque()
-        self.pending_events: deque[tuple[int, int]] = deque()
+        # An event waiting is not queued again: the driver acts on one
+        # (re-reads the params, or fails the stream).
+        self.events = EventQueue(p.EVENT.size, MAX_PENDING_EVENTS, coalesce=True)
         super().__init__(handle, config)
         self.commands: dict[int, Callable[[bytes, Request], bytes | None]] = {
             p.Cmd.QUERY_CAPABILITY: self.query_capability,
@@ -117,9 +116,7 @@ class VideoDevice(DeviceModel):
             with stream.lock:
                 stream.abandon()
         self.streams.clear()
-        with self.event_lock:
-            self.event_buffers.clear()
-            self.pending_events.clear()
+        self.events.clear()
 
     def close(self) -> None:
         self.reset()
@@ -133,29 +130,12 @@ class VideoDevice(DeviceModel):
 
     # -- events -----------------------------------------------------------------------
     def on_event(self, request: Request) -> None:
-        with self.event_lock:
-            self.event_buffers.append(request)
-            self._flush_events()
+        self.events.on_buffer(request)
 
     def send_event(self, event_type: int, stream_id: int) -> None:
-        """Report an event; kept until the driver posts an event buffer.
-        An event already waiting is not queued twice (the driver acts on
-        one: it re-reads the params, or fails the stream), and at most
-        MAX_PENDING_EVENTS wait, the oldest going first: a guest that posts
-        no event buffer cannot grow the host's memory with events."""
-        with self.event_lock:
-            event = (event_type, stream_id)
-            if event not in self.pending_events:
-                if len(self.pending_events) == MAX_PENDING_EVENTS:
-                    self.pending_events.popleft()
-                self.pending_events.append(event)
-            self._flush_events()
-
-    def _flush_events(self) -> None:
-        while self.pending_events and self.event_buffers:
-            event = self.pending_events.popleft()
-            buf = self.event_buffers.popleft()
-            buf.complete(write_all(buf, p.EVENT.pack(*event)))
+        """Report an event from any thread; kept until the driver posts an
+        event buffer (see pyemb.events)."""
+        self.events.post(p.EVENT.pack(event_type, stream_id))
 
     # -- commands -----------------------------------------------------------------------
     def on_command(self, request: Request) -> None:
