@@ -37,7 +37,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from pyemb.config import ConfigError
-from pyemb.snd.pcm import SAMPLE_FORMATS, SampleFormat, silence
+from pyemb.snd.pcm import SAMPLE_FORMATS, SampleFormat, from_float, silence, to_float
 
 
 class BackendError(Exception):
@@ -213,34 +213,6 @@ def convert_pcm(src: WavData, params: StreamParams) -> bytes:
         idx = (np.arange(int(len(x) * params.rate / src.rate)) * src.rate // params.rate)
         x = x[idx]
     return from_float(x.reshape(-1), params.sample)
-
-
-def to_float(data: bytes | memoryview, fmt: SampleFormat) -> np.ndarray:
-    """Samples as float64 in [-1, 1)."""
-    if not fmt.dtype:
-        from pyemb.snd.pcm import _as_int32
-        values = _as_int32(data, fmt).astype(np.float64)
-    else:
-        values = np.frombuffer(data, dtype=fmt.dtype).astype(np.float64)
-    if fmt.dtype.startswith("<f"):
-        return values
-    if not fmt.signed:
-        values = values - (1 << (fmt.bits - 1))
-    return values / (1 << (fmt.bits - 1))
-
-
-def from_float(values: np.ndarray, fmt: SampleFormat) -> bytes:
-    """float samples in [-1, 1) as the format's bytes (clipped, rounded)."""
-    if fmt.dtype.startswith("<f"):
-        return values.astype(fmt.dtype).tobytes()
-    full = 1 << (fmt.bits - 1)
-    ints = np.clip(np.rint(values * full), -full, full - 1)
-    if not fmt.signed:
-        ints = ints + full
-    if not fmt.dtype:
-        from pyemb.snd.pcm import _from_int32
-        return _from_int32(ints, fmt)
-    return ints.astype(fmt.dtype).tobytes()
 
 
 class WavBackend(SndBackend):

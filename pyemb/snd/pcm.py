@@ -74,6 +74,39 @@ def _from_int32(value: np.ndarray, fmt: SampleFormat) -> bytes:
     return out.tobytes()
 
 
+def unpack(data: memoryview | bytes, fmt: SampleFormat) -> np.ndarray:
+    """The samples of ``data`` as numbers, as stored (3-byte formats as int32)."""
+    if fmt.dtype:
+        return np.frombuffer(data, dtype=fmt.dtype)
+    return _as_int32(data, fmt)
+
+
+def pack(values: np.ndarray, fmt: SampleFormat) -> bytes:
+    """Numbers in the format's own range (already rounded and clipped) as its bytes."""
+    if fmt.dtype:
+        return values.astype(fmt.dtype).tobytes()
+    return _from_int32(values.reshape(-1), fmt)
+
+
+def to_float(data: bytes | memoryview, fmt: SampleFormat) -> np.ndarray:
+    """Samples as float64 in [-1, 1)."""
+    values = unpack(data, fmt).astype(np.float64)
+    if fmt.dtype.startswith("<f"):
+        return values
+    if not fmt.signed:
+        values = values - (1 << (fmt.bits - 1))
+    return values / (1 << (fmt.bits - 1))
+
+
+def from_float(values: np.ndarray, fmt: SampleFormat) -> bytes:
+    """float samples in [-1, 1) as the format's bytes (clipped, rounded)."""
+    if fmt.dtype.startswith("<f"):
+        return pack(values, fmt)
+    full = 1 << (fmt.bits - 1)
+    ints = np.clip(np.rint(values * full), -full, full - 1)
+    return pack(ints if fmt.signed else ints + full, fmt)
+
+
 def scale(data: memoryview | bytes, fmt: SampleFormat, channels: int,
           gains: list[float]) -> bytes:
     """Samples multiplied by a gain per channel (0.0 = silence), as a copy.
@@ -82,14 +115,10 @@ def scale(data: memoryview | bytes, fmt: SampleFormat, channels: int,
     format's range, so unity gain returns the input unchanged.
     """
     per_channel = np.asarray((list(gains) + [gains[-1]] * channels)[:channels])
-    if fmt.dtype:
-        samples = np.frombuffer(data, dtype=fmt.dtype)
-    else:
-        samples = _as_int32(data, fmt)
-    frames = samples.reshape(-1, channels)
+    frames = unpack(data, fmt).reshape(-1, channels)
     if fmt.dtype.startswith("<f"):
         # + 0.0 turns the -0.0 of muted negative samples into silence
-        return (frames * per_channel + 0.0).astype(fmt.dtype).tobytes()
+        return pack(frames * per_channel + 0.0, fmt)
     wide = frames.astype(np.float64)
     if fmt.signed:
         lo, hi = -(1 << (fmt.bits - 1)), (1 << (fmt.bits - 1)) - 1
@@ -97,6 +126,4 @@ def scale(data: memoryview | bytes, fmt: SampleFormat, channels: int,
     else:
         mid = 1 << (fmt.bits - 1)
         scaled = np.clip(np.rint((wide - mid) * per_channel) + mid, 0, (1 << fmt.bits) - 1)
-    if not fmt.dtype:
-        return _from_int32(scaled.reshape(-1), fmt)
-    return scaled.astype(fmt.dtype).tobytes()
+    return pack(scaled, fmt)
