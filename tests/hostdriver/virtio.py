@@ -124,11 +124,17 @@ class SplitQueue:
         """Copy ``out`` into guest buffers, add writable buffers of
         ``in_sizes`` bytes, and make the chain available.  The buffers and
         descriptors are those of an earlier request of the same shape when
-        one is free (zeroed when first made, not on reuse)."""
+        one is free; the writable ones are zeroed, so that a reply never
+        shows an earlier request's bytes."""
         key = (tuple(len(data) for data in out), tuple(in_sizes))
         pool = self.slots.get(key)
-        slot = pool.pop() if pool else self._new_slot(*key)
         mm, base = self.mm, self.base
+        if pool:
+            slot = pool.pop()
+            for addr, n in slot.in_bufs:
+                mm[addr - base:addr - base + n] = bytes(n)
+        else:
+            slot = self._new_slot(*key)
         for (addr, n), data in zip(slot.out_bufs, out, strict=True):
             mm[addr - base:addr - base + n] = data
         return self._publish(Chain(slot.descs[0], slot.descs, slot.out_bufs, slot.in_bufs,
