@@ -238,7 +238,7 @@ class WavBackend(SndBackend):
         if direction == "input" and self.path and not Path(self.path).is_file():
             raise ConfigError(f"config: {where}.path: no such file {self.path}")
         self.sessions = 0
-        self.written: list[Path] = []          # every playback file, in order
+        self.last_written: Path | None = None  # the playback file of the last PREPARE
         self._file: BinaryIO | None = None
         self._data_bytes = 0
         self._source = b""
@@ -258,7 +258,7 @@ class WavBackend(SndBackend):
                 raise BackendError(f"cannot write {path}: {e.strerror}") from None
             self._file.write(wav_header(params, 0))
             self._data_bytes = 0
-            self.written.append(path)
+            self.last_written = path      # (one, not a list: a guest's PREPAREs never end)
         elif self.path:
             try:
                 self._source = convert_pcm(read_wav(self.path), params)

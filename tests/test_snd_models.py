@@ -611,3 +611,40 @@ def test_capture_split_mid_sample_is_bit_exact_and_the_stream_lives(tmp_path, ga
         assert c.op(p.Code.PCM_RELEASE) == p.Status.OK
     finally:
         c.model.close()
+
+
+def test_prepare_release_loops_keep_nothing_per_loop(tmp_path):
+    """Issue 15's soak (bench/soak.py) found the sound device growing by
+    about 0.4 KB a PREPARE: the WAV backend kept every file name it had
+    written.  Nothing the model allocates may grow with the loops."""
+    import gc
+    import tracemalloc
+
+    c = Card(tmp_path)
+    period = PERIOD_FRAMES * 4
+
+    def loop() -> None:
+        assert c.set_params(sid=0, period=period) == p.Status.OK
+        c.op(p.Code.PCM_PREPARE)
+        reqs = [c.tx(bytes(period)) for _ in range(2)]
+        c.op(p.Code.PCM_START)
+        wait_done(reqs)
+        c.op(p.Code.PCM_STOP)
+        c.op(p.Code.PCM_RELEASE)
+
+    try:
+        for _ in range(50):
+            loop()
+        gc.collect()
+        tracemalloc.start(12)
+        before = tracemalloc.take_snapshot()
+        for _ in range(300):
+            loop()
+        gc.collect()
+        after = tracemalloc.take_snapshot()
+        tracemalloc.stop()
+        grown = [s for s in after.compare_to(before, "traceback") if s.count_diff >= 300
+                 and any("/pyemb/" in frame.filename for frame in s.traceback)]
+        assert not grown, [str(s) + "\n" + "\n".join(s.traceback.format()) for s in grown]
+    finally:
+        c.model.close()
