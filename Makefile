@@ -34,6 +34,7 @@ bench: build
 	$(PYTHON) -m bench.encode_quality
 	$(PYTHON) -m bench.guest_decode
 	$(PYTHON) -m bench.snd_pacing
+	$(PYTHON) -m bench.soak
 
 clean:
 	rm -rf build .venv
