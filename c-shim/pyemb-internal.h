@@ -47,6 +47,14 @@ typedef struct PyembDone {
     QSIMPLEQ_ENTRY(PyembDone) next;
 } PyembDone;
 
+/* A guest mapping released without the BQL: unmapped by the main loop. */
+typedef struct PyembUnmap {
+    void *ptr;
+    hwaddr len;
+    bool writable;
+    QSIMPLEQ_ENTRY(PyembUnmap) next;
+} PyembUnmap;
+
 struct VirtIOPyemb {
     VirtIODevice parent_obj;
 
@@ -83,6 +91,7 @@ struct VirtIOPyemb {
      */
     QemuMutex done_lock;
     QSIMPLEQ_HEAD(, PyembDone) done;
+    QSIMPLEQ_HEAD(, PyembUnmap) unmaps;
     QEMUBH *completion_bh;
     bool config_changed;        /* under done_lock */
 
@@ -114,6 +123,8 @@ typedef struct PyembOrphan {
 unsigned pyemb_cancel_requests(VirtIOPyemb *s);
 void pyemb_cancel_request(PyembRequest *req);
 void pyemb_release_mappings(VirtIOPyemb *s);
+void pyemb_unmap_guest(VirtIOPyemb *s, void *ptr, hwaddr len, bool writable);
+void pyemb_queue_unmap(VirtIOPyemb *s, void *ptr, hwaddr len, bool writable);
 
 /* virtio-pyemb.c */
 void pyemb_push_element(VirtIOPyemb *s, unsigned queue_index,

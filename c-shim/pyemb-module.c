@@ -458,10 +458,12 @@ static void mapping_release(PyembMapping *m)
         warn_kept_views(s, "releasing a guest mapping");
     }
     trace_pyemb_unmap_guest(m->addr, m->len);
-    dma_memory_unmap(VIRTIO_DEVICE(s)->dma_as, m->ptr, m->len,
-                     m->writable ? DMA_DIRECTION_FROM_DEVICE
-                                 : DMA_DIRECTION_TO_DEVICE,
-                     m->writable ? m->len : 0);
+    if (bql_locked()) {
+        pyemb_unmap_guest(s, m->ptr, m->len, m->writable);
+    } else {
+        /* A model's thread (a stream worker done with a buffer). */
+        pyemb_queue_unmap(s, m->ptr, m->len, m->writable);
+    }
     QTAILQ_REMOVE(&s->mappings, m, next);
     m->dev = NULL;
 }

@@ -20,6 +20,7 @@
 #include "qemu/main-loop.h"
 #include "qemu/module.h"
 #include "exec/memory.h"
+#include "system/dma.h"
 #include "hw/qdev-properties.h"
 #include "migration/vmstate.h"
 #include "standard-headers/linux/virtio_ids.h"
@@ -64,6 +65,45 @@ void pyemb_queue_completion(VirtIOPyemb *s, unsigned queue_index,
     }
 }
 
+/* BQL held: give back a guest mapping (QEMU's memory API wants the BQL). */
+void pyemb_unmap_guest(VirtIOPyemb *s, void *ptr, hwaddr len, bool writable)
+{
+    assert(bql_locked());
+    dma_memory_unmap(VIRTIO_DEVICE(s)->dma_as, ptr, len,
+                     writable ? DMA_DIRECTION_FROM_DEVICE : DMA_DIRECTION_TO_DEVICE,
+                     writable ? len : 0);
+}
+
+/* A thread without the BQL released a mapping: the main loop unmaps it. */
+void pyemb_queue_unmap(VirtIOPyemb *s, void *ptr, hwaddr len, bool writable)
+{
+    PyembUnmap *unmap = g_new(PyembUnmap, 1);
+
+    unmap->ptr = ptr;
+    unmap->len = len;
+    unmap->writable = writable;
+    WITH_QEMU_LOCK_GUARD(&s->done_lock) {
+        QSIMPLEQ_INSERT_TAIL(&s->unmaps, unmap, next);
+    }
+    qemu_bh_schedule(s->completion_bh);
+}
+
+/* BQL held: the unmaps other threads queued. */
+static void pyemb_flush_unmaps(VirtIOPyemb *s)
+{
+    QSIMPLEQ_HEAD(, PyembUnmap) batch = QSIMPLEQ_HEAD_INITIALIZER(batch);
+    PyembUnmap *unmap;
+
+    WITH_QEMU_LOCK_GUARD(&s->done_lock) {
+        QSIMPLEQ_CONCAT(&batch, &s->unmaps);
+    }
+    while ((unmap = QSIMPLEQ_FIRST(&batch))) {
+        QSIMPLEQ_REMOVE_HEAD(&batch, next);
+        pyemb_unmap_guest(s, unmap->ptr, unmap->len, unmap->writable);
+        g_free(unmap);
+    }
+}
+
 void pyemb_request_config_notify(VirtIOPyemb *s)
 {
     if (bql_locked()) {
@@ -105,6 +145,7 @@ static void pyemb_flush_completions(VirtIOPyemb *s)
     if (config_changed) {
         virtio_notify_config(vdev);
     }
+    pyemb_flush_unmaps(s);
 }
 
 static void pyemb_completion_bh(void *opaque)
@@ -149,6 +190,7 @@ static void pyemb_drop_queued_completions(VirtIOPyemb *s)
         g_free(done->elem);
         g_free(done);
     }
+    pyemb_flush_unmaps(s);      /* those are done, whatever the reset */
 }
 
 /* ---- requests --------------------------------------------------------- */
@@ -503,6 +545,7 @@ static void pyemb_realize(DeviceState *dev, Error **errp)
 
     qemu_mutex_init(&s->done_lock);
     QSIMPLEQ_INIT(&s->done);
+    QSIMPLEQ_INIT(&s->unmaps);
     s->completion_bh = virtio_bh_new_guarded(dev, pyemb_completion_bh, s);
     virtio_init(vdev, s->device_id, s->config_size);
     s->vqs = g_new(VirtQueue *, s->num_queues);

@@ -109,6 +109,14 @@ class ProbeDevice(DeviceModel):
                 self.reply(request, "caught TypeError")
             except Exception as e:  # noqa: BLE001 - what arrived instead is the answer
                 self.reply(request, f"lost: {type(e).__name__}: {e}")
+        elif op == "release-in-thread":
+            # A mapping made here and released by a model's own thread (a
+            # stream worker done with a buffer): no BQL there.
+            mapping = self.handle.map_guest(int(args[0], 0), 4096, writable=True)
+            thread = threading.Thread(target=mapping.release, name="worker")
+            thread.start()
+            thread.join()
+            self.reply(request, "released")
         elif op == "orphan-on-reset":
             self.orphan_on_reset = True
             self.reply(request, "armed")

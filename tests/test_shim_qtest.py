@@ -323,3 +323,15 @@ def test_requests_freed_by_another_thread_during_a_reset_are_dropped_under_the_b
     assert dev.queues[1].poll() is None         # dropped, not completed
     assert "dropped without being completed" not in m.stderr()
     assert command(dev, "echo fine") == "fine"
+
+
+def test_a_mapping_released_by_a_model_thread_is_unmapped_by_the_main_loop(probe):
+    """Stream workers release guest mappings (a buffer destroyed while it
+    was written or read): QEMU's memory API wants the BQL, so the unmap
+    waits for the main loop, which asserts it holds the BQL."""
+    m, dev = probe
+    addr = m.alloc.alloc(4096)
+    for _ in range(3):
+        assert command(dev, f"release-in-thread {addr:#x}") == "released"
+    assert command(dev, f"map {addr:#x} 4096").startswith("ok ")
+    assert m.alive(), m.stderr()
