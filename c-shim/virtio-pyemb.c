@@ -159,17 +159,33 @@ static void pyemb_completion_bh(void *opaque)
  * it is let go while taking the BQL, because the main loop takes the BQL
  * first and the GIL second.
  */
+/*
+ * The object whose allocation holds @s: on PCI the device is embedded in
+ * its proxy (a reference to the embedded object does not keep the proxy's
+ * memory), on virtio-mmio it is its own.
+ */
+static Object *pyemb_owner(VirtIOPyemb *s)
+{
+    Object *obj = OBJECT(s);
+
+    while (!obj->free && obj->parent) {
+        obj = obj->parent;
+    }
+    return obj;
+}
+
 void pyemb_push_completions_from_thread(VirtIOPyemb *s)
 {
     PyThreadState *ts;
+    Object *owner = pyemb_owner(s);
 
-    object_ref(OBJECT(s));      /* it may be unplugged while we wait */
+    object_ref(owner);          /* it may be unplugged while we wait */
     ts = PyEval_SaveThread();
     bql_lock();
     if (s->vqs) {               /* NULL once unrealized */
         pyemb_flush_completions(s);
     }
-    object_unref(OBJECT(s));
+    object_unref(owner);
     bql_unlock();
     PyEval_RestoreThread(ts);
 }
