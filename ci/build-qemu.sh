@@ -88,8 +88,22 @@ else
     # The emulators and the modules they load; not QEMU's own tests.
     modules=$(ninja -C "$build" -t targets all | sed -n 's/^\([A-Za-z0-9_-]*\.so\):.*/\1/p')
     # shellcheck disable=SC2086 # one word per module
-    ninja -C "$build" "${binaries[@]}" $modules > "$build/ninja.log" 2>&1 || {
-        grep -B2 -A12 -m 5 'error' "$build/ninja.log" >&2 || tail -n 60 "$build/ninja.log" >&2; exit 1; }
+    ninja -C "$build" "${binaries[@]}" $modules > "$build/ninja.log" 2>&1 &
+    ninja_pid=$!
+    # Ninja's step counter every 30 s: a cold build is not nine silent minutes.
+    ticks=0
+    while kill -0 "$ninja_pid" 2>/dev/null; do
+        sleep 1
+        ticks=$((ticks + 1))
+        if [ $((ticks % 30)) = 0 ]; then
+            step=$(grep -o '^\[[0-9]*/[0-9]*\]' "$build/ninja.log" | tail -n 1 || true)
+            [ -z "$step" ] || log "building: $step steps done ($((ticks / 60)) min $((ticks % 60)) s)"
+        fi
+    done
+    if ! wait "$ninja_pid"; then
+        grep -B2 -A12 -m 5 'error' "$build/ninja.log" >&2 || tail -n 60 "$build/ninja.log" >&2
+        exit 1
+    fi
     echo "$shim_hash" > "$build/.pyemb-stamp"
 fi
 
