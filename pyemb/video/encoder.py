@@ -31,6 +31,13 @@ own pictures (measured at 1080p: libx264 56 MB, libvpx-vp9 106 MB, libx265
 118 MB): the device's streams share a ``Budget`` of picture area, taken
 when a stream queues its first picture of a size and given back when it is
 destroyed, and a picture beyond it is refused with ERR_OUT_OF_MEMORY.
+
+Failures: a packet too big for its output buffer comes back ERR, the packets
+that refer to it are dropped and the next picture starts a new session
+(``resync``); an engine error fails the stream alone (an ERROR event, every
+buffer back with ERR).  Not handled yet (issue 15): an engine call that
+never returns holds its stream (not QEMU's main loop, nor other streams),
+and a clear or destroy of that stream then waits for it.
 """
 
 from __future__ import annotations
