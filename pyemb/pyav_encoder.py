@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fractions import Fraction
+from functools import cache
 from typing import Any
 
 from pyemb.config import ConfigError
@@ -111,6 +112,16 @@ def _known_profiles(codec: str) -> dict[int, str]:
             "libvpx-vp9": VP9_PROFILES}.get(codec, {})
 
 
+def _profiles_offered(codec: str, coded: Format) -> dict[int, str]:
+    """The PROFILE values an encoder we do not know names among its own
+    ``profile`` choices (x264's names), else its default alone."""
+    names = {Format.H264: X264_PROFILES, Format.HEVC: X265_PROFILES}.get(coded, {})
+    own = private_options(codec).get("profile", ())
+    offered = {value: name for value, name in names.items() if name in own}
+    return offered or {{Format.H264: 0x101, Format.HEVC: 0x200, Format.VP8: 0x300,
+                        Format.VP9: 0x400}[coded]: ""}
+
+
 def _encoder_exists(codec: str) -> bool:
     import av
 
@@ -168,10 +179,7 @@ def encoder_choices(table: Any) -> dict[Format, EncoderChoice]:
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= hi:
                 raise ConfigError(f"config: {where}.{name} must be an integer from 0 to {hi}")
             numbers[name] = value
-        profiles = _known_profiles(codec)
-        if not profiles:                         # an encoder we know nothing of: its default
-            profiles = {{Format.H264: 0x101, Format.HEVC: 0x200, Format.VP8: 0x300,
-                         Format.VP9: 0x400}[coded]: ""}
+        profiles = _known_profiles(codec) or _profiles_offered(codec, coded)
         levels = tuple(H264_LEVELS) if coded == Format.H264 else ()
         choices[coded] = EncoderChoice(coded, codec, {k: str(v) for k, v in options.items()},
                                        profiles=profiles, levels=levels, **numbers)
@@ -194,6 +202,57 @@ def _rate_control(choice: EncoderChoice, s: EncoderSettings) -> dict[str, str]:
 def _params(options: dict[str, str], key: str, extra: str) -> None:
     """Append ``extra`` to an x264-params / x265-params option."""
     options[key] = f"{options[key]}:{extra}" if options.get(key) else extra
+
+
+@cache
+def private_options(codec: str) -> dict[str, tuple[str, ...]]:
+    """An FFmpeg encoder's own AVOptions and the named choices of each."""
+    import av
+
+    ctx = av.CodecContext.create(codec, "w")
+    return {o.name: tuple(c.name for c in (getattr(o, "choices", None) or ()))
+            for o in ctx.supported_options.private}
+
+
+def encoder_options(choice: EncoderChoice,
+                    settings: EncoderSettings) -> tuple[dict[str, str], int | None]:
+    """The AVOptions an encoder is opened with (the config's, then what the
+    protocol's settings make of them), and the profile to set on the codec
+    context where the encoder takes it from there (libvpx).  For an encoder
+    that is not one of the four known ones (h264_nvenc, say), its own
+    options are looked up: ``rc`` (cbr / vbr), ``forced-idr`` and
+    ``profile`` where it has them."""
+    options = dict(choice.options)
+    context_profile = None
+    options.update(_rate_control(choice, settings))
+    profile = choice.profiles.get(settings.profile or -1, "")
+    if choice.family == "x264":
+        options["forced-idr"] = "1"          # a forced keyframe is an IDR
+        if profile:
+            options["profile"] = profile
+        options["level"] = H264_LEVELS[h264_level(settings)][0]
+        if settings.cbr:
+            _params(options, "x264-params", "nal-hrd=cbr")
+    elif choice.family == "x265":
+        options["forced-idr"] = "1"
+        _params(options, "x265-params", "log-level=none")   # x265 writes to stderr
+        if profile:
+            options["profile"] = profile
+        if settings.cbr:
+            _params(options, "x265-params", "strict-cbr=1")
+    elif choice.family == "vpx":
+        if profile:
+            context_profile = int(profile)
+    else:
+        own = private_options(choice.codec)
+        mode = "cbr" if settings.cbr else "vbr"
+        if mode in own.get("rc", ()):
+            options["rc"] = mode
+        if "forced-idr" in own:
+            options["forced-idr"] = "1"
+        if profile and profile in own.get("profile", ()):
+            options["profile"] = profile
+    return options, context_profile
 
 
 class PyAVEncodeSession(EncodeSession):
@@ -221,25 +280,9 @@ class PyAVEncodeSession(EncodeSession):
         self.has_headers = settings.coded in (Format.H264, Format.HEVC)
         if self.has_headers:
             ctx.flags |= av.codec.context.Flags.global_header
-        options = dict(choice.options)
-        options.update(_rate_control(choice, settings))
-        profile = choice.profiles.get(settings.profile or -1, "")
-        if choice.family == "x264":
-            options["forced-idr"] = "1"          # a forced keyframe is an IDR
-            if profile:
-                options["profile"] = profile
-            options["level"] = H264_LEVELS[h264_level(settings)][0]
-            if settings.cbr:
-                _params(options, "x264-params", "nal-hrd=cbr")
-        elif choice.family == "x265":
-            options["forced-idr"] = "1"
-            _params(options, "x265-params", "log-level=none")   # x265 writes to stderr
-            if profile:
-                options["profile"] = profile
-            if settings.cbr:
-                _params(options, "x265-params", "strict-cbr=1")
-        elif choice.family == "vpx" and profile:
-            ctx.profile = int(profile)
+        options, context_profile = encoder_options(choice, settings)
+        if context_profile is not None:
+            ctx.profile = context_profile
         ctx.options = options
         try:
             ctx.open()

@@ -75,10 +75,10 @@ def test_a_bad_encoder_table_is_one_line_saying_what_to_fix(table, message):
     assert message in str(exc.value) and "\n" not in str(exc.value)
 
 
-def test_a_format_can_be_turned_off_and_another_encoder_has_one_profile():
+def test_a_format_can_be_turned_off_and_another_encoder_chosen():
     choices = encoder_choices({"hevc": {"codec": ""}, "h264": {"codec": "h264_nvenc"}})
     assert p.Format.HEVC not in choices
-    assert list(choices[p.Format.H264].profiles) == [0x101]
+    assert choices[p.Format.H264].codec == "h264_nvenc"
     assert choices[p.Format.H264].family == "ffmpeg"
 
 
@@ -92,3 +92,18 @@ def test_h264_level_is_a_floor_raised_to_what_the_stream_needs():
     assert h264_level(settings(width=176, height=144, frame_rate=15, bitrate=64_000,
                                peak_bitrate=64_000)) == 0x100
     assert set(H264_LEVELS) == set(range(0x100, 0x10F))
+
+
+def test_another_ffmpeg_encoder_gets_its_own_rate_control_keyframe_and_profile_options():
+    """NVENC cannot run here (no GPU), but what it would be opened with can
+    be checked: its own ``rc``, ``forced-idr`` and ``profile`` options."""
+    from pyemb.pyav_encoder import encoder_options
+
+    choice = encoder_choices({"h264": {"codec": "h264_nvenc"}})[p.Format.H264]
+    assert list(choice.profiles) == [0x101, 0x100, 0x103]
+    options, context_profile = encoder_options(choice, settings(cbr=True, profile=0x103))
+    assert options["rc"] == "cbr" and options["forced-idr"] == "1"
+    assert options["profile"] == "high" and context_profile is None
+    assert options["maxrate"] == options["minrate"] == options["b"] == "1000000"
+    options, _ = encoder_options(choice, settings(cbr=False))
+    assert options["rc"] == "vbr" and options["maxrate"] == "1500000"
