@@ -7,8 +7,9 @@ STREAM_DRAIN are completed later by the stream's worker
 (:mod:`pyemb.video.decoder`, :mod:`pyemb.video.encoder`), and so are
 QUEUE_CLEAR, RESOURCE_DESTROY_ALL and STREAM_DESTROY when the worker holds
 completions that their answer must not overtake.  What differs between the
-roles (params, controls, what a queued buffer is) is the stream's; the
-commands' parsing and checks are here, once.
+roles (params, controls, what a queued buffer is) is the stream's.  Each
+command is parsed once into a typed value (:mod:`pyemb.video.commands`);
+the checks that need the device's state are here.
 """
 
 from __future__ import annotations
@@ -21,26 +22,28 @@ from pyemb.config import ConfigError, get_int, section
 from pyemb.device import DeviceHandle, DeviceModel, ProtocolError, Request, write_all
 from pyemb.events import EventQueue
 from pyemb.video import protocol as p
+from pyemb.video.commands import (
+    Command,
+    GetControl,
+    QueryCapability,
+    QueryControl,
+    QueueCommand,
+    ResourceCreate,
+    ResourceQueue,
+    SetControl,
+    SetParams,
+    StreamCreate,
+    parse,
+)
 from pyemb.video.decoder import DecoderStream, guest_or_minimum, plane_formats
 from pyemb.video.encoder import EncoderStream
-from pyemb.video.resources import MAX_RESOURCES, Budget, Resource, map_entries, parse_entries
+from pyemb.video.resources import MAX_RESOURCES, Budget, Resource, map_entries
 from pyemb.video_backend import PyAVBackend, VideoBackend
 
 MAX_CAPS_LENGTH = 4096
 MAX_RESP_LENGTH = 1024
 MAX_PENDING_EVENTS = 256
 QUEUE_TYPES = (p.QueueType.INPUT, p.QueueType.OUTPUT)
-
-
-def need(command: bytes, size: int, what: str) -> None:
-    if len(command) < size:
-        raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER, f"short {what}")
-
-
-def queue_type_of(value: int) -> p.QueueType:
-    if value not in QUEUE_TYPES:
-        raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER, f"queue_type 0x{value:x}")
-    return p.QueueType(value)
 
 
 class VideoDevice(DeviceModel):
@@ -83,7 +86,7 @@ class VideoDevice(DeviceModel):
         # (re-reads the params, or fails the stream).
         self.events = EventQueue(p.EVENT.size, MAX_PENDING_EVENTS, coalesce=True)
         super().__init__(handle, config)
-        self.commands: dict[int, Callable[[bytes, Request], bytes | None]] = {
+        self.commands: dict[int, Callable[[Any, Request], bytes | None]] = {
             p.Cmd.QUERY_CAPABILITY: self.query_capability,
             p.Cmd.STREAM_CREATE: self.stream_create,
             p.Cmd.STREAM_DESTROY: self.stream_destroy,
@@ -141,36 +144,42 @@ class VideoDevice(DeviceModel):
     def on_command(self, request: Request) -> None:
         self.serve_command(request, self.command, p.reply, p.Resp.ERR_INVALID_OPERATION)
 
-    def command(self, command: bytes, request: Request) -> bytes | None:
-        need(command, p.HDR.size, "command")
-        kind, _ = p.HDR.unpack_from(command)
-        handler = self.commands.get(kind)
-        if handler is None:
-            raise ProtocolError(p.Resp.ERR_INVALID_OPERATION, f"command 0x{kind:x}")
-        return handler(command, request)
-
-    def stream(self, command: bytes) -> DecoderStream | EncoderStream:
-        _, stream_id = p.HDR.unpack_from(command)
+    def command(self, data: bytes, request: Request) -> bytes | None:
         try:
-            return self.streams[stream_id]
-        except KeyError:
-            raise ProtocolError(p.Resp.ERR_INVALID_STREAM_ID, f"stream {stream_id}") from None
+            cmd = parse(data)
+            return self.commands[cmd.kind](cmd, request)
+        except ProtocolError as e:
+            if len(data) >= p.HDR.size and p.HDR.unpack_from(data)[0] == p.Cmd.RESOURCE_QUEUE:
+                # The whole 24-byte response, flag ERR: the ChromeOS driver
+                # reads the flags of every reply to RESOURCE_QUEUE and never
+                # its status, so a bare error header would hand its buffer
+                # back as done.
+                stream_id = p.HDR.unpack_from(data)[1]
+                timestamp = (p.RESOURCE_QUEUE.unpack_from(data)[4]
+                             if len(data) >= p.RESOURCE_QUEUE.size else 0)
+                return p.RESOURCE_QUEUE_RESP.pack(e.status, stream_id, timestamp,
+                                                  p.BufferFlag.ERR, 0)
+            raise
 
-    def query_capability(self, command: bytes, request: Request) -> bytes:
-        need(command, p.QUERY_CAPABILITY.size, "QUERY_CAPABILITY")
-        _, _, queue_type = p.QUERY_CAPABILITY.unpack_from(command)
-        queue_type = queue_type_of(queue_type)
-        descs = (self.backend.capabilities(queue_type) if self.role == "decoder"
-                 else self.backend.encoder_capabilities(queue_type))
+    def stream(self, cmd: Command) -> DecoderStream | EncoderStream:
+        try:
+            return self.streams[cmd.stream_id]
+        except KeyError:
+            raise ProtocolError(p.Resp.ERR_INVALID_STREAM_ID,
+                                f"stream {cmd.stream_id}") from None
+
+    def query_capability(self, cmd: QueryCapability, request: Request) -> bytes:
+        descs = (self.backend.capabilities(cmd.queue_type) if self.role == "decoder"
+                 else self.backend.encoder_capabilities(cmd.queue_type))
         reply = p.CAPABILITY_RESP.pack(p.Resp.OK_QUERY_CAPABILITY, 0, len(descs))
         reply += b"".join(d.pack() for d in descs)
         if len(reply) > request.writable_size:
             raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER, "response buffer too small")
         return reply
 
-    def stream_create(self, command: bytes, request: Request) -> bytes:
-        need(command, p.STREAM_CREATE.size, "STREAM_CREATE")
-        _, stream_id, in_mem, out_mem, coded, _, _ = p.STREAM_CREATE.unpack_from(command)
+    def stream_create(self, cmd: StreamCreate, request: Request) -> bytes:
+        stream_id, in_mem, out_mem, coded = (cmd.stream_id, cmd.in_mem, cmd.out_mem,
+                                             cmd.coded_format)
         if stream_id in self.streams:
             raise ProtocolError(p.Resp.ERR_INVALID_STREAM_ID, f"stream {stream_id} exists")
         if len(self.streams) >= self.max_streams:
@@ -179,10 +188,6 @@ class VideoDevice(DeviceModel):
                          else self.backend.encoded_formats())
         if coded not in coded_formats:
             raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER, f"coded format 0x{coded:x}")
-        # ChromeOS says VIRTIO_OBJECT here and the real type in SET_PARAMS_EXT.
-        for mem in (in_mem, out_mem):
-            if mem not in (p.MemType.GUEST_PAGES, p.MemType.VIRTIO_OBJECT):
-                raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER, f"mem type {mem}")
         stream: DecoderStream | EncoderStream
         if self.role == "decoder":
             session = self.backend.open_session(p.Format(coded))
@@ -196,8 +201,8 @@ class VideoDevice(DeviceModel):
         self.workers.add(stream)
         return p.reply(p.Resp.OK_NODATA, stream_id)
 
-    def stream_destroy(self, command: bytes, request: Request) -> bytes | None:
-        stream = self.stream(command)
+    def stream_destroy(self, cmd: Command, request: Request) -> bytes | None:
+        stream = self.stream(cmd)
         answer = p.reply(p.Resp.OK_NODATA, stream.id)
         with stream.lock:
             stream.destroy()
@@ -205,30 +210,20 @@ class VideoDevice(DeviceModel):
         del self.streams[stream.id]
         return None if later else answer
 
-    def stream_drain(self, command: bytes, request: Request) -> None:
-        stream = self.stream(command)
+    def stream_drain(self, cmd: Command, request: Request) -> None:
+        stream = self.stream(cmd)
         with stream.lock:
             if stream.drain is not None:
                 raise ProtocolError(p.Resp.ERR_INVALID_OPERATION, "drain already pending")
             stream.start_drain(request)
         return None
 
-    def resource_create(self, command: bytes, request: Request) -> bytes:
-        need(command, p.RESOURCE_CREATE.size, "RESOURCE_CREATE")
-        stream = self.stream(command)
-        fields = p.RESOURCE_CREATE.unpack_from(command)
-        queue_type, resource_id, layout, num_planes = fields[2:6]
-        offsets, num_entries = list(fields[6:14]), list(fields[14:22])
-        queue_type = queue_type_of(queue_type)
-        if not 1 <= num_planes <= p.MAX_PLANES:
-            raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER, f"{num_planes} planes")
-        if layout not in (p.PlanesLayout.SINGLE_BUFFER, p.PlanesLayout.PER_PLANE):
-            raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER, f"planes_layout {layout}")
+    def resource_create(self, cmd: ResourceCreate, request: Request) -> bytes:
+        stream = self.stream(cmd)
+        queue_type, resource_id, count = cmd.queue_type, cmd.resource_id, len(cmd.entries)
         if stream.params[queue_type].resource_type != p.MemType.GUEST_PAGES:
             raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER,
                                 "virtio-gpu object resources are not supported")
-        count = sum(num_entries[:num_planes])
-        entries = parse_entries(command[p.RESOURCE_CREATE.size:], count)
         with stream.lock:
             old = stream.resources[queue_type].get(resource_id)
             if old is not None and old.queued:
@@ -242,13 +237,13 @@ class VideoDevice(DeviceModel):
                                 f"{count} entries: the device's resources are at their "
                                 "max_mapped_entries")
         try:
-            chunks = map_entries(self.handle, entries,
+            chunks = map_entries(self.handle, list(cmd.entries),
                                  writable=queue_type == p.QueueType.OUTPUT)
         except ProtocolError:
             self.entry_budget.give(count)
             raise
-        resource = Resource(resource_id, queue_type, layout, offsets[:num_planes], chunks,
-                            budget=self.entry_budget)
+        resource = Resource(resource_id, queue_type, cmd.planes_layout,
+                            list(cmd.plane_offsets), chunks, budget=self.entry_budget)
         with stream.lock:
             old = stream.resources[queue_type].pop(resource_id, None)
             if old is not None:
@@ -256,27 +251,9 @@ class VideoDevice(DeviceModel):
             stream.resources[queue_type][resource_id] = resource
         return p.reply(p.Resp.OK_NODATA, stream.id)
 
-    def resource_queue(self, command: bytes, request: Request) -> bytes | None:
-        """A refused RESOURCE_QUEUE is answered with the whole 24-byte
-        response, flag ERR: the ChromeOS driver reads the flags of every
-        reply to it and never its status, so a bare error header would hand
-        its buffer back as done."""
-        try:
-            return self._resource_queue(command, request)
-        except ProtocolError as e:
-            _, stream_id = p.HDR.unpack_from(command) if len(command) >= p.HDR.size else (0, 0)
-            timestamp = (p.RESOURCE_QUEUE.unpack_from(command)[4]
-                         if len(command) >= p.RESOURCE_QUEUE.size else 0)
-            return p.RESOURCE_QUEUE_RESP.pack(e.status, stream_id, timestamp,
-                                              p.BufferFlag.ERR, 0)
-
-    def _resource_queue(self, command: bytes, request: Request) -> None:
-        need(command, p.RESOURCE_QUEUE.size, "RESOURCE_QUEUE")
-        stream = self.stream(command)
-        fields = p.RESOURCE_QUEUE.unpack_from(command)
-        queue_type, resource_id, timestamp, num_sizes = fields[2:6]
-        sizes = fields[6:14]
-        queue_type = queue_type_of(queue_type)
+    def resource_queue(self, cmd: ResourceQueue, request: Request) -> None:
+        stream = self.stream(cmd)
+        queue_type, resource_id, timestamp = cmd.queue_type, cmd.resource_id, cmd.timestamp
         if request.writable_size < p.RESOURCE_QUEUE_RESP.size:
             raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER, "response buffer too small")
         with stream.lock:
@@ -289,54 +266,43 @@ class VideoDevice(DeviceModel):
             if queue_type == p.QueueType.INPUT and isinstance(stream, EncoderStream):
                 stream.queue_input(request, resource, timestamp)
             elif queue_type == p.QueueType.INPUT:
-                if not 1 <= num_sizes <= p.MAX_PLANES or sizes[0] > resource.size:
+                if not cmd.data_sizes or cmd.data_sizes[0] > resource.size:
                     raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER, "bad data size")
-                stream.queue_input(request, resource, sizes[0], timestamp)
+                stream.queue_input(request, resource, cmd.data_sizes[0], timestamp)
             else:
                 stream.queue_output(request, resource)
         return None
 
-    def resource_destroy_all(self, command: bytes, request: Request) -> bytes | None:
-        need(command, p.QUEUE_CMD.size, "RESOURCE_DESTROY_ALL")
-        stream = self.stream(command)
-        queue_type = queue_type_of(p.QUEUE_CMD.unpack_from(command)[2])
+    def resource_destroy_all(self, cmd: QueueCommand, request: Request) -> bytes | None:
+        stream = self.stream(cmd)
         answer = p.reply(p.Resp.OK_NODATA, stream.id)
         with stream.lock:
-            stream.destroy_resources(queue_type)
+            stream.destroy_resources(cmd.queue_type)
             later = stream.answer_later(request, answer)
         return None if later else answer
 
-    def queue_clear(self, command: bytes, request: Request) -> bytes | None:
-        need(command, p.QUEUE_CMD.size, "QUEUE_CLEAR")
-        stream = self.stream(command)
-        queue_type = queue_type_of(p.QUEUE_CMD.unpack_from(command)[2])
+    def queue_clear(self, cmd: QueueCommand, request: Request) -> bytes | None:
+        stream = self.stream(cmd)
         answer = p.reply(p.Resp.OK_NODATA, stream.id)
         with stream.lock:
-            stream.clear(queue_type)
+            stream.clear(cmd.queue_type)
             later = stream.answer_later(request, answer)
         return None if later else answer
 
-    def get_params(self, command: bytes, request: Request) -> bytes:
-        need(command, p.QUEUE_CMD.size, "GET_PARAMS")
-        kind = p.HDR.unpack_from(command)[0]
-        stream = self.stream(command)
-        queue_type = queue_type_of(p.QUEUE_CMD.unpack_from(command)[2])
+    def get_params(self, cmd: QueueCommand, request: Request) -> bytes:
+        stream = self.stream(cmd)
         with stream.lock:
-            params = stream.params[queue_type]
-            body = params.pack_ext() if kind == p.Cmd.GET_PARAMS_EXT else params.pack()
+            params = stream.params[cmd.queue_type]
+            body = params.pack_ext() if cmd.kind == p.Cmd.GET_PARAMS_EXT else params.pack()
         return p.HDR.pack(p.Resp.OK_GET_PARAMS, stream.id) + body
 
-    def set_params(self, command: bytes, request: Request) -> bytes:
-        ext = p.HDR.unpack_from(command)[0] == p.Cmd.SET_PARAMS_EXT
-        need(command, p.HDR.size + (p.PARAMS_EXT if ext else p.PARAMS).size, "SET_PARAMS")
-        stream = self.stream(command)
-        new = p.Params.unpack(command, p.HDR.size, ext)
-        queue_type = queue_type_of(new.queue_type)
+    def set_params(self, cmd: SetParams, request: Request) -> bytes:
+        stream = self.stream(cmd)
+        new = cmd.params
+        queue_type = p.QueueType(new.queue_type)
         with stream.lock:
             cur = stream.params[queue_type]
-            if ext:
-                if new.resource_type not in (p.MemType.GUEST_PAGES, p.MemType.VIRTIO_OBJECT):
-                    raise ProtocolError(p.Resp.ERR_INVALID_PARAMETER, "resource_type")
+            if cmd.ext:
                 cur.resource_type = new.resource_type
             if isinstance(stream, EncoderStream):
                 if queue_type == p.QueueType.INPUT:
@@ -391,9 +357,8 @@ class VideoDevice(DeviceModel):
         if new.min_buffers:
             cur.min_buffers = max(cur.min_buffers, min(new.min_buffers, cur.max_buffers))
 
-    def query_control(self, command: bytes, request: Request) -> bytes:
-        need(command, p.QUERY_CONTROL.size, "QUERY_CONTROL")
-        _, _, control, fmt = p.QUERY_CONTROL.unpack_from(command)
+    def query_control(self, cmd: QueryControl, request: Request) -> bytes:
+        control, fmt = cmd.control, cmd.format
         encoder = self.role == "encoder"
         if control == p.Control.PROFILE:
             values = (self.backend.encoder_profiles(fmt) if encoder
@@ -408,10 +373,9 @@ class VideoDevice(DeviceModel):
         head = p.QUERY_CONTROL_RESP.pack(p.Resp.OK_QUERY_CONTROL, 0, len(values))
         return head + b"".join(v.to_bytes(4, "little") for v in values)
 
-    def get_control(self, command: bytes, request: Request) -> bytes:
-        need(command, p.GET_CONTROL.size, "GET_CONTROL")
-        stream = self.stream(command)
-        control = p.GET_CONTROL.unpack_from(command)[2]
+    def get_control(self, cmd: GetControl, request: Request) -> bytes:
+        stream = self.stream(cmd)
+        control = cmd.control
         if isinstance(stream, EncoderStream):
             with stream.lock:
                 value = stream.get_control(control)
@@ -429,17 +393,11 @@ class VideoDevice(DeviceModel):
         return p.GET_CONTROL_RESP.pack(p.Resp.OK_GET_CONTROL, stream.id,
                                        seen if seen is not None else values[0])
 
-    def set_control(self, command: bytes, request: Request) -> bytes:
-        need(command, p.SET_CONTROL_HEAD.size, "SET_CONTROL")
-        stream = self.stream(command)
+    def set_control(self, cmd: SetControl, request: Request) -> bytes:
+        stream = self.stream(cmd)
         if isinstance(stream, EncoderStream):
-            control = p.SET_CONTROL_HEAD.unpack_from(command)[2]
-            value = 1
-            if control != p.Control.FORCE_KEYFRAME:    # a button: no value follows
-                need(command, p.SET_CONTROL.size, "SET_CONTROL")
-                value = p.SET_CONTROL.unpack_from(command)[3]
             with stream.lock:
-                stream.set_control(control, value)
+                stream.set_control(cmd.control, cmd.value)
             return p.reply(p.Resp.OK_NODATA, stream.id)
         raise ProtocolError(p.Resp.ERR_UNSUPPORTED_CONTROL,
                             "a decoder takes its controls from the bitstream")
