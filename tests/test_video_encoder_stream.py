@@ -35,6 +35,7 @@ class FirstByteSession(EncodeSession):
         return ctypes.string_at(image.address, 1)
 
     def encode(self, picture: Any, timestamp: int, keyframe: bool) -> list[Packet]:
+        self.backend.encode_gate.passing()
         return [Packet(picture, timestamp, p.BufferFlag.IFRAME if keyframe
                        else p.BufferFlag.PFRAME)]
 
@@ -47,6 +48,7 @@ class FirstByteSession(EncodeSession):
 
 class HeldEncoderBackend(VideoBackend):
     read_gate = Gate()
+    encode_gate = Gate()
     sessions: list[FirstByteSession] = []
 
     def coded_formats(self) -> list[p.Format]:
@@ -67,6 +69,7 @@ class HeldEncoderBackend(VideoBackend):
 class EncoderRig:
     def __init__(self) -> None:
         HeldEncoderBackend.read_gate = Gate()
+        HeldEncoderBackend.encode_gate = Gate()
         self.handle = FakeHandle(ram_size=8 * PAGE)
         self.dev = VideoDevice(self.handle, {}, backend_class=HeldEncoderBackend,
                                role="encoder")
@@ -110,6 +113,7 @@ class EncoderRig:
 
     def close(self) -> None:
         HeldEncoderBackend.read_gate.open()
+        HeldEncoderBackend.encode_gate.open()
         self.handle.reset(self.dev)
         for stream in list(self.dev.workers):
             stream.thread.join(5)
@@ -184,3 +188,22 @@ def test_reset_while_reading_completes_nothing(rig):
     stream.thread.join(5)
     assert not stream.thread.is_alive()
     assert out.cancelled and out.late == 0
+
+
+@pytest.mark.parametrize("command", ["QUEUE_CLEAR", "STREAM_DESTROY"])
+def test_an_engine_call_that_hangs_holds_no_command(rig, command):
+    """Issue 15: a hook that never returns must not hold the stream.  The
+    picture's buffer goes back before the encode, and the clear or destroy
+    is answered at once while the encoder is stuck."""
+    gate = HeldEncoderBackend.encode_gate
+    gate.arm()
+    picture = rig.queue(p.QueueType.INPUT, 0, timestamp=5)
+    gate.wait_reached()
+    wait_for([picture])                             # back before the encode
+    assert rig.reply(picture)[3] == 0
+    kind = getattr(p.Cmd, command)
+    body = (p.HDR.pack(kind, SID) if kind == p.Cmd.STREAM_DESTROY
+            else p.QUEUE_CMD.pack(kind, SID, p.QueueType.INPUT))
+    answer = rig.send(body)
+    assert answer.done and p.HDR.unpack_from(answer.reply)[0] == p.Resp.OK_NODATA
+    gate.open()

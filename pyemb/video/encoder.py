@@ -35,9 +35,10 @@ destroyed, and a picture beyond it is refused with ERR_OUT_OF_MEMORY.
 Failures: a packet too big for its output buffer comes back ERR, the packets
 that refer to it are dropped and the next picture starts a new session
 (``resync``); an engine error fails the stream alone (an ERROR event, every
-buffer back with ERR).  Not handled yet (issue 15): an engine call that
-never returns holds its stream (not QEMU's main loop, nor other streams),
-and a clear or destroy of that stream then waits for it.
+buffer back with ERR).  The picture's buffer goes back to the guest before
+the encode call (``push_now``), so an engine call that never returns holds
+its packets and nothing else: clear and destroy are answered.  (The engine
+call itself is not time-limited: the stream stays without packets.)
 """
 
 from __future__ import annotations
@@ -537,6 +538,10 @@ class EncoderStream(StreamWorker):
                 self.warn("input", f"input resource {job.resource.resource_id}: {error}")
             buffer_done(job.request, job.resource, job.timestamp,
                         p.BufferFlag.ERR if picture is None else 0)
+        # The picture's buffer reaches the guest before the encode: the
+        # guest refills it meanwhile, and a clear or destroy never waits on
+        # the engine.
+        self.push_now()
         if picture is not None:
             packets += self._engine(session.encode, picture, job.timestamp, job.keyframe)
         return packets

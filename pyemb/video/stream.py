@@ -94,8 +94,12 @@ class StreamWorker:
                 more, entry = self._next()
                 if not more:
                     break
-                with self.completion_batch():
+                self._batch = self.completion_batch()
+                self._batch.__enter__()
+                try:
                     self._step(entry)
+                finally:
+                    self._batch.__exit__(None, None, None)
         except Exception as e:  # noqa: BLE001 - a dead worker must be visible
             if not self.abandoned:
                 self.report(e, f"{self.role} stream {self.id}")
@@ -103,6 +107,20 @@ class StreamWorker:
                 self._fail()
         finally:
             self._close_engine()
+
+    def push_now(self) -> None:
+        """Within a step, before a call that may take long (an encoder's):
+        what the step completed so far reaches the guest now, and the
+        answers that waited for it go out, so that no command of the
+        stream waits on that call."""
+        self._batch.__exit__(None, None, None)
+        with self.lock:
+            self.unpushed = False
+            for request, data in self.deferred:
+                reply(request, data)
+            self.deferred.clear()
+        self._batch = self.completion_batch()
+        self._batch.__enter__()
 
     def warn(self, kind: str, message: str) -> None:
         """Log what a guest caused once per stream and kind: a guest that
