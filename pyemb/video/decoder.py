@@ -329,19 +329,9 @@ class DecoderStream(StreamWorker):
         self.lock.notify()
         return True
 
-    def release_resource(self, resource: Resource) -> None:
-        """Unmap a resource now, or once the picture being written into it
-        is written."""
+    def _in_flight(self) -> tuple[Resource, Write] | None:
         write = self.writing
-        if write is not None and resource is write.out.resource:
-            write.release = True
-        else:
-            resource.release()
-
-    def _release(self, resources: dict[int, Resource]) -> None:
-        for res in resources.values():
-            self.release_resource(res)
-        resources.clear()
+        return (write.out.resource, write) if write is not None else None
 
     # -- the worker thread -------------------------------------------------------------
     @property

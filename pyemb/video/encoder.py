@@ -406,18 +406,9 @@ class EncoderStream(StreamWorker):
         self.generation += 1
         self.lock.notify()
 
-    def release_resource(self, resource: Resource) -> None:
-        """Unmap a resource now, or once the picture being read from it is read."""
+    def _in_flight(self) -> tuple[Resource, PictureJob] | None:
         job = self.reading
-        if job is not None and resource is job.resource:
-            job.release = True
-        else:
-            resource.release()
-
-    def _release(self, resources: dict[int, Resource]) -> None:
-        for res in resources.values():
-            self.release_resource(res)
-        resources.clear()
+        return (job.resource, job) if job is not None else None
 
     def destroy_resources(self, queue_type: int) -> None:
         self.clear(queue_type)

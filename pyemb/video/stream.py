@@ -87,6 +87,25 @@ class StreamWorker:
     def _close_engine(self) -> None:
         raise NotImplementedError
 
+    def _in_flight(self) -> tuple[Resource, Any] | None:
+        """The resource the worker is using outside the lock (a picture
+        being written into it or read from it), and the record whose
+        ``release`` flag has the worker unmap it once done."""
+        raise NotImplementedError
+
+    def release_resource(self, resource: Resource) -> None:
+        """Unmap a resource now, or once the worker is done with it."""
+        pinned = self._in_flight()
+        if pinned is not None and resource is pinned[0]:
+            pinned[1].release = True
+        else:
+            resource.release()
+
+    def _release(self, resources: dict[int, Resource]) -> None:
+        for res in resources.values():
+            self.release_resource(res)
+        resources.clear()
+
     def _run(self) -> None:
         set_native_name(self._native_name)
         try:
