@@ -432,3 +432,51 @@ def test_a_frame_rate_change_midway_takes_effect(enc):
     before = sum(len(pk.data) for pk in packets[1:30]) / 29
     after = sum(len(pk.data) for pk in packets[31:60]) / 29
     assert after / before == pytest.approx(2.0, rel=0.25)
+
+
+def test_resets_while_streams_run_crash_nothing_and_leak_nothing():
+    """Issue 15: reset loops with streams running.  300 cycles of a decoder
+    and an encoder each mid-stream, then a device reset (the driver
+    re-initializing): QEMU lives, logs nothing, and its memory is flat
+    (guest RAM preallocated, so RSS is QEMU's own)."""
+    from tests.hostdriver import Machine
+    from tests.streams import encode as encode_clip
+    from tests.video_client import StreamRun
+
+    clip = [(data, i) for i, (data, _) in enumerate(encode_clip("h264", 160, 96, 12))]
+    pictures = raw_pictures(160, 96, 8)
+    m = Machine.x86(["-device", "virtio-video-py-pci",
+                     "-device", "virtio-video-py-pci,role=encoder"],
+                    mem_mb=256, prealloc=True).start()
+
+    def rss_mb() -> float:
+        with open(f"/proc/{m.proc.pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+    try:
+        devices = {d.device_id: d for d in m.virtio_devices()}
+        sizes = []
+        for cycle in range(300):
+            runs = []
+            for device_id in (p.DECODER_DEVICE_ID, p.ENCODER_DEVICE_ID):
+                dev = devices[device_id]
+                dev.initialize(want_features=0b11)      # resets what ran before
+                client = VideoClient(m, dev)
+                run = (StreamRun(client, 1, p.Format.H264, clip)
+                       if device_id == p.DECODER_DEVICE_ID
+                       else EncodeRun(client, 1, p.Format.H264, pictures, 160, 96))
+                run.start()
+                run.step([])
+                client.kick(wait=False)
+                runs.append(run)
+            for run in runs:                            # the buffers go back
+                for entries in [*run.inputs.values(), *run.outputs.values()]:
+                    for addr, _ in entries:
+                        m.alloc.free(addr)
+            if cycle in (100, 299):
+                sizes.append(rss_mb())
+        assert m.alive()
+        assert m.stderr().strip() == ""
+        assert sizes[1] - sizes[0] < 2, sizes
+    finally:
+        m.stop()
