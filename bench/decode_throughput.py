@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import av
 
+from bench.threads import roles_line, threads_of
 from pyemb.video import protocol as p
 from pyemb.video.decoder import DecoderStream, align
 from pyemb.video.resources import Resource
@@ -191,19 +192,12 @@ def thread_cpu(pid: int, main_role: str) -> collections.Counter[str]:
     """CPU nanoseconds so far of every live thread of ``pid``, summed by
     role.  Decoder threads end with their stream: take it before that."""
     roles: collections.Counter[str] = collections.Counter()
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/comm") as f:
-                name = f.read().strip()
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                ns = int(f.read().split()[0])
-        except (FileNotFoundError, ProcessLookupError):
-            continue                    # a thread that ended in between
+    for tid, (name, ns) in threads_of(pid).items():
         if name.startswith("av:"):
             role = "FFmpeg threads"
         elif name.startswith("pyemb-video"):
             role = "stream worker"
-        elif int(tid) == pid:
+        elif tid == pid:
             role = main_role
         else:
             role = "other threads"
@@ -216,10 +210,6 @@ def per_frame(before: collections.Counter[str], after: collections.Counter[str],
     """Microseconds of CPU per frame by thread role, busiest first."""
     used = {role: (after[role] - before[role]) / frames / 1e3 for role in after}
     return dict(sorted(((r, us) for r, us in used.items() if us >= 1), key=lambda x: -x[1]))
-
-
-def roles_line(used: dict[str, float]) -> str:
-    return ", ".join(f"{role} {us:.0f}" for role, us in used.items())
 
 
 def ffmpeg_cli(data: bytes) -> float | None:

@@ -57,6 +57,7 @@ from fractions import Fraction
 import av
 import numpy as np
 
+from bench.threads import Threads, roles_line, threads_of
 from pyemb.pyav_encoder import DEFAULT_ENCODERS, H264_LEVELS, _rate_control, h264_level
 from pyemb.video import protocol as p
 from pyemb.video_backend import EncoderSettings, PyAVBackend, RawImage
@@ -70,10 +71,6 @@ BITRATES = {(1280, 720): (4_000_000, 6_000_000), (1920, 1080): (8_000_000, 12_00
 FRAME_RATE = 30
 NOISE = 6           # camera-like grain: x264 has real work on every picture
 INPUT_BUFFERS, OUTPUT_BUFFERS = 16, 8
-
-# tid -> (thread name, CPU nanoseconds so far)
-Threads = dict[int, tuple[str, int]]
-
 
 @dataclass
 class Timing:
@@ -102,22 +99,6 @@ class Timing:
         return sum(map(len, self.data)) * 8 * FRAME_RATE / len(self.data) / 1e3
 
 
-def threads_of(pid: int) -> Threads:
-    """Name and CPU nanoseconds so far of every live thread of ``pid``.
-    x264's threads end with their session: take it before that."""
-    found = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/comm") as f:
-                name = f.read().strip()
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                ns = int(f.read().split()[0])
-        except (FileNotFoundError, ProcessLookupError):
-            continue                    # a thread that ended in between
-        found[int(tid)] = (name, ns)
-    return found
-
-
 def by_role(before: Threads, after: Threads,
             role: Callable[[int, str], str]) -> collections.Counter[str]:
     """CPU nanoseconds used between the two snapshots, summed by role."""
@@ -131,10 +112,6 @@ def per_frame(used: collections.Counter[str], frames: int) -> dict[str, float]:
     """Microseconds of CPU per frame by thread role, busiest first."""
     us = {role: ns / frames / 1e3 for role, ns in used.items()}
     return dict(sorted(((r, u) for r, u in us.items() if u >= 1), key=lambda x: -x[1]))
-
-
-def roles_line(used: dict[str, float]) -> str:
-    return ", ".join(f"{role} {us:.0f}" for role, us in used.items())
 
 
 def in_process_roles(before: Threads) -> Callable[[int, str], str]:
