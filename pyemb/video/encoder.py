@@ -119,7 +119,7 @@ class PictureJob:
     request: Request
     resource: Resource
     timestamp: int
-    image: tuple[int, int, int, list[tuple[int, int]]]   # format, width, height, layout
+    image: tuple[int, int, int, list[tuple[int, int]], int]   # format, w, h, layout, bytes
     settings: EncoderSettings
     keyframe: bool
     cancelled: bool = False      # its queue was cleared: its picture is not encoded
@@ -345,7 +345,8 @@ class EncoderStream(StreamWorker):
         keyframe, self.controls.force_keyframe = self.controls.force_keyframe, False
         resource.queued = True
         self.inputs.append(PictureJob(request, resource, timestamp,
-                                      (src.format, src.frame_width, src.frame_height, layout),
+                                      (src.format, src.frame_width, src.frame_height, layout,
+                                       needed),
                                       self.settings(), keyframe))
         self.lock.notify()
 
@@ -541,13 +542,13 @@ class EncoderStream(StreamWorker):
         """Read the job's picture into the session's own (one pass over
         guest memory where the buffer is one chunk, a gathering copy first
         where it is scattered); nothing refers to the guest buffer after."""
-        fmt, width, height, layout = job.image
+        fmt, width, height, layout, needed = job.image
         resource = job.resource
         view = resource.contiguous_view()
         if view is not None:
             data = np.frombuffer(view, np.uint8)
-        else:
-            data = np.frombuffer(resource.read(resource.size), np.uint8)
+        else:                           # only the bytes the picture's planes reach
+            data = np.frombuffer(resource.read(needed), np.uint8)
         try:
             return session.take(RawImage(p.Format(fmt), width, height, data.ctypes.data,
                                          data.nbytes, layout))
