@@ -11,28 +11,35 @@ bookworm-backports kernel (6.12, the first Debian kernel with
 CONFIG_SND_VIRTIO).  On x86_64, libc, V4L2 and GStreamer tools (v4l2-ctl,
 v4l2-compliance, gst-launch-1.0 with the v4l2 and parser plugins) come from
 the host, which is bookworm too and has them installed by ci/setup-host.sh,
-with every library they load; on arm64, libc comes from libc6:arm64 and there
-are no V4L2/GStreamer tools.
+with every library they load (GStreamer's elements include v4l2src, the
+v4l2 decoders and encoders, filesrc/filesink, videoconvert, videotestsrc and
+rawvideoparse); on arm64, libc comes from libc6:arm64 and there are no
+V4L2/GStreamer tools but v4l2-compliance.
 
 The ChromeOS virtio-video driver from ../shared/guest-drivers/virtio-video,
 exactly as published plus guest/patches/virtio-video-linux-6.12.patch, is
 built out of tree against the same kernel's headers (packages unpacked into
 the cache, nothing installed), and so is ``v4l2-mem2mem.ko`` from the matching
 ``linux-source-6.12`` where Debian's kernel does not ship it (amd64:
-CONFIG_V4L2_MEM2MEM_DEV is off; arm64 ships it).  The kernel build tools come
-from the host's ``linux-kbuild`` package (Multi-Arch: foreign: Debian's way of
-building modules for another architecture against its headers), with the
-cross compiler the headers name (aarch64-linux-gnu-gcc-12 for arm64).  The
-project's own V4L2 clients, the decoder (guest/v4l2_decode.c) and the encoder
-(guest/v4l2_encode.c), both with the code they share (guest/v4l2_common.h),
-are built static.
+CONFIG_V4L2_MEM2MEM_DEV is off; arm64 ships it).  So is the virtio-media
+driver (device 48) from ../shared/guest-drivers/virtio-media/driver, exactly
+as published with its own Kbuild and no patch; its dependencies (videodev,
+videobuf2-common, videobuf2-memops) are Debian's, and /init loads it with
+``allow_userptr=1`` (MODULE_PARAMS) so that its nodes offer USERPTR besides
+MMAP.  The kernel build tools come from the host's ``linux-kbuild`` package
+(Multi-Arch: foreign: Debian's way of building modules for another
+architecture against its headers), with the cross compiler the headers name
+(aarch64-linux-gnu-gcc-12 for arm64).  The project's own V4L2 clients, the
+decoder (guest/v4l2_decode.c) and the encoder (guest/v4l2_encode.c), both
+with the code they share (guest/v4l2_common.h), are built static.
 
 Output, cached by the package versions and the hash of everything above::
 
     ${PYEMB_CACHE:-~/.cache/pyemb}/guest-<key>/{vmlinuz,initrd.img}
     build/guest -> that directory (build/guest-arm64 for arm64)
 
-The initramfs' /init loads the modules, waits for the sound card, runs
+The initramfs' /init loads the modules (/lib/modules/order: one a line,
+dependencies first, then any insmod parameters), waits for the sound card, runs
 /test.sh if there is one (tests append it as a second cpio archive), prints
 ``PYEMB-GUEST-DONE rc=<status>`` and powers off.
 
@@ -67,6 +74,11 @@ SYSTEM_LIBS = ["/lib64/ld-linux-x86-64.so.2", "/lib/x86_64-linux-gnu/libc.so.6",
 SHARED = Path(os.environ.get("PYEMB_SHARED") or REPO.parent / "shared")
 VIDEO_DRIVER = SHARED / "guest-drivers" / "virtio-video"
 DRIVER_PATCH = REPO / "guest" / "patches" / "virtio-video-linux-6.12.patch"
+# The virtio-media driver (device 48): built as published, with its own Kbuild.
+MEDIA_DRIVER = SHARED / "guest-drivers" / "virtio-media" / "driver"
+# Module parameters /init passes to insmod, by module.  allow_userptr: the
+# driver offers V4L2_MEMORY_USERPTR only with it (MMAP always, DMABUF never).
+MODULE_PARAMS = {"virtio_media": "allow_userptr=1"}
 # The project's V4L2 clients: /usr/bin/<name> in the guest, from guest/<source>.
 CLIENTS = {"pyemb-v4l2-decode": REPO / "guest" / "v4l2_decode.c",
            "pyemb-v4l2-encode": REPO / "guest" / "v4l2_encode.c"}
@@ -116,10 +128,11 @@ class Arch:
 
 
 ARCHES = {
-    "amd64": Arch("amd64", "x86_64-linux-gnu", ("virtio_snd", "virtio_video"), "guest"),
+    "amd64": Arch("amd64", "x86_64-linux-gnu", ("virtio_snd", "virtio_video", "virtio_media"),
+                  "guest"),
     # virt's virtio-mmio transports need virtio_mmio, a module on arm64 (virtio_pci is built in).
-    "arm64": Arch("arm64", "aarch64-linux-gnu", ("virtio_mmio", "virtio_snd", "virtio_video"),
-                  "guest-arm64"),
+    "arm64": Arch("arm64", "aarch64-linux-gnu",
+                  ("virtio_mmio", "virtio_snd", "virtio_video", "virtio_media"), "guest-arm64"),
 }
 
 INIT = """#!/bin/busybox sh
@@ -129,7 +142,10 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mkdir -p /tmp
-for m in $(cat /lib/modules/order); do insmod /lib/modules/$m || echo "init: insmod $m failed"; done
+# One module a line, dependencies first, then its parameters if any.
+while read -r m params; do
+    insmod /lib/modules/$m $params || echo "init: insmod $m failed"
+done < /lib/modules/order
 export HOME=/tmp
 # GStreamer looks for plugins beside its library, which is in /lib here.
 export GST_PLUGIN_SYSTEM_PATH=/usr/lib/{triplet}/gstreamer-1.0
@@ -324,9 +340,17 @@ def kbuild(headers: Path, moddir: Path, *extra: str) -> None:
         sys.exit(f"build_guest: building {moddir.name} failed:\n{e.stdout}\n{e.stderr}")
 
 
+def copy_published(driver: Path, dst: Path) -> None:
+    """A published driver's sources into a build directory, writable there
+    (shared/ is read-only)."""
+    shutil.copytree(driver, dst)
+    for path in dst.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
 def build_video_modules(arch: Arch, kernel: str, version: str, tmp: Path) -> Path:
-    """virtio-video.ko, and v4l2-mem2mem.ko where Debian's kernel lacks it,
-    built for the guest kernel, in the directory returned."""
+    """virtio-video.ko, virtio-media.ko, and v4l2-mem2mem.ko where Debian's
+    kernel lacks it, built for the guest kernel, in the directory returned."""
     headers = kernel_build_tree(arch, kernel, version)
     out = tmp / "video-modules"
     out.mkdir()
@@ -342,9 +366,7 @@ def build_video_modules(arch: Arch, kernel: str, version: str, tmp: Path) -> Pat
     # The driver exactly as published, our compatibility patch on top, and
     # our own Kbuild (the published one points into an Android kernel tree).
     src = tmp / "virtio-video"
-    shutil.copytree(VIDEO_DRIVER / "drivers", src / "drivers")
-    for path in src.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    copy_published(VIDEO_DRIVER / "drivers", src / "drivers")
     run("patch", "-s", "-p1", "-d", str(src), "-i", str(DRIVER_PATCH))
     vv = src / "drivers" / "media" / "virtio"
     objects = " ".join(sorted(f.with_suffix(".o").name for f in vv.glob("virtio_video_*.c")))
@@ -354,7 +376,17 @@ def build_video_modules(arch: Arch, kernel: str, version: str, tmp: Path) -> Pat
         f"ccflags-y := -I{VIDEO_DRIVER / 'include' / 'uapi'} -I$(src)\n")
     kbuild(headers, vv, *extra)
     shutil.copy(vv / "virtio-video.ko", out)
+    build_media_module(headers, tmp, out)
     return out
+
+
+def build_media_module(headers: Path, tmp: Path, out: Path) -> None:
+    """virtio-media.ko into ``out``: the driver exactly as published, its own
+    Kbuild included (it needs neither a patch nor v4l2-mem2mem on 6.12)."""
+    src = tmp / "virtio-media"
+    copy_published(MEDIA_DRIVER, src)
+    kbuild(headers, src)
+    shutil.copy(src / "virtio-media.ko", out)
 
 
 def host_files(programs: list[str]) -> dict[str, Path]:
@@ -480,7 +512,9 @@ def build(out: Path, arch: Arch) -> None:
         modules = collect_modules([root / "lib/modules" / abi, video_modules], arch.modules)
         for name, data in modules:
             cpio.add(f"lib/modules/{name}", data)
-        cpio.add("lib/modules/order", "\n".join(n for n, _ in modules).encode() + b"\n")
+        order = [f"{n} {MODULE_PARAMS.get(n.removesuffix('.ko'), '')}".rstrip()
+                 for n, _ in modules]
+        cpio.add("lib/modules/order", "\n".join(order).encode() + b"\n")
         (out / "initrd.img").write_bytes(cpio.finish())
         (out / "VERSIONS").write_text(
             f"{kernel} {kernel_version}\n"
@@ -503,8 +537,8 @@ def main() -> None:
     key_src += "".join(f"{p}={v}" for p, v in candidates(guest_packages(arch)).items()).encode()
     # In an order that does not depend on where the checkout is, so that
     # every checkout of the same sources shares one cached guest.
-    for path in [*sorted(VIDEO_DRIVER.rglob("*")), DRIVER_PATCH, *CLIENTS.values(),
-                 *CLIENT_SHARED]:
+    for path in [*sorted(VIDEO_DRIVER.rglob("*")), DRIVER_PATCH,
+                 *sorted(MEDIA_DRIVER.rglob("*")), *CLIENTS.values(), *CLIENT_SHARED]:
         if path.is_file():
             key_src += path.read_bytes()
     key_src += v4l2_compliance(arch).name.encode()        # its version and script hash
