@@ -421,3 +421,37 @@ def test_bad_config_is_one_line():
         MediaDevice(FakeHandle(), {}, role="printer")
     with pytest.raises(ConfigError, match="cannot import"):
         Rig({"camera": {"source": "nosuch.module:Thing"}})
+
+
+def test_file_source_loops_the_clip_converted_to_the_guest_format(tmp_path):
+    import av
+    path = str(tmp_path / "clip.mp4")
+    with av.open(path, "w") as out:
+        stream = out.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 320, 240, "yuv420p"
+        for i in range(5):
+            frame = av.VideoFrame.from_ndarray(np.full((240, 320, 3), 40 * i, np.uint8),
+                                               format="rgb24")
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    fmt = ImageFormat(YUYV, 640, 480)
+    with av.open(path) as container:
+        clip = [f.reformat(width=640, height=480, format="yuyv422").to_ndarray().tobytes()
+                for f in container.decode(video=0)]
+    assert len(clip) == 5
+    rig = Rig({"camera": {"source": "file", "path": path}})
+    c = rig.client
+    s = c.open()
+    c.s_fmt(s, "YUYV", 640, 480)
+    c.reqbufs(s, 8)
+    for i in range(8):
+        c.qbuf(s, i)
+    c.stream(s, True)
+    events = rig.events(8)
+    assert [rig.image(e) for e in events] == [clip[i % 5] for i in range(8)]
+    assert len({e.buffer.sequence for e in events}) == 8
+    rig.close()
+    with pytest.raises(ConfigError, match="camera.path"):
+        Rig({"camera": {"source": "file"}})
