@@ -436,7 +436,6 @@ def test_file_source_loops_the_clip_converted_to_the_guest_format(tmp_path):
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
-    fmt = ImageFormat(YUYV, 640, 480)
     with av.open(path) as container:
         clip = [f.reformat(width=640, height=480, format="yuyv422").to_ndarray().tobytes()
                 for f in container.decode(video=0)]
