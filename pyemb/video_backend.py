@@ -13,6 +13,7 @@ encoders in :mod:`pyemb.pyav_encoder`); another engine is one class.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,20 @@ from pyemb.video.protocol import (
 
 class DecodeError(Exception):
     """The bitstream chunk could not be decoded."""
+
+
+# What the stateful decoders (virtio-video's and virtio-media's) say of
+# sizes: the coded size is the visible one rounded up to whole macroblocks;
+# before the stream or the client names a size, both queues report
+# DEFAULT_SIZE (V4L2 clients and v4l2-compliance refuse a 0x0 format); a
+# bitstream buffer holds INPUT_BUFFER_SIZE bytes unless the client asks.
+ALIGN = 16
+DEFAULT_SIZE = (640, 480)
+INPUT_BUFFER_SIZE = 1 << 20
+
+
+def align(v: int, a: int = ALIGN) -> int:
+    return (v + a - 1) // a * a
 
 
 @dataclass
@@ -73,6 +88,15 @@ class DecodeSession:
     def decode(self, data: bytes, timestamp: int) -> list[Picture]:
         """Feed a chunk of bitstream (any size, not necessarily whole frames)."""
         raise NotImplementedError
+
+    def decode_each(self, data: bytes, timestamp: int) -> Iterator[Picture]:
+        """:meth:`decode`, the pictures handed out one at a time: an engine
+        that can decode lazily does so as they are asked for, so a caller
+        that stops taking them (its pictures wait for guest buffers) holds
+        only the chunk's undecoded bitstream.  The chunk is taken at once;
+        the iterator must be used up (or dropped, before :meth:`reset`)
+        before the next call.  By default, :meth:`decode`'s list."""
+        return iter(self.decode(data, timestamp))
 
     def flush(self) -> list[Picture]:
         """End of stream: every picture still inside the decoder."""
@@ -333,34 +357,40 @@ class PyAVSession(DecodeSession):
             self.chunks.popleft()
         return self.chunks[0][1] if self.chunks else 0
 
+    def _pictures(self, packets) -> Iterator[Picture]:
+        """Decode ``packets`` as the pictures are asked for."""
+        for packet in packets:
+            if packet is not None:
+                pts = self.next_pts
+                self.next_pts += 1
+                self.timestamps[pts] = self._timestamp_at(self.emitted)
+                self.emitted += packet.size
+                packet.pts = packet.dts = pts
+            try:
+                frames = self.ctx.decode(packet)
+            except self._av.error.FFmpegError as e:
+                raise DecodeError(str(e)) from e
+            for frame in frames:
+                ts = self.timestamps.pop(frame.pts, 0) if frame.pts is not None else 0
+                picture = PyAVPicture(frame.width, frame.height, ts,
+                                      PICT_FLAGS.get(int(frame.pict_type), 0), frame)
+                picture.converter = self.converter
+                yield picture
+
     def _decode_packets(self, packets) -> list[Picture]:
-        pictures = []
-        try:
-            for packet in packets:
-                if packet is not None:
-                    pts = self.next_pts
-                    self.next_pts += 1
-                    self.timestamps[pts] = self._timestamp_at(self.emitted)
-                    self.emitted += packet.size
-                    packet.pts = packet.dts = pts
-                for frame in self.ctx.decode(packet):
-                    ts = self.timestamps.pop(frame.pts, 0) if frame.pts is not None else 0
-                    picture = PyAVPicture(frame.width, frame.height, ts,
-                                          PICT_FLAGS.get(int(frame.pict_type), 0), frame)
-                    picture.converter = self.converter
-                    pictures.append(picture)
-        except self._av.error.FFmpegError as e:
-            raise DecodeError(str(e)) from e
-        return pictures
+        return list(self._pictures(packets))
 
     def decode(self, data: bytes, timestamp: int) -> list[Picture]:
+        return list(self.decode_each(data, timestamp))
+
+    def decode_each(self, data: bytes, timestamp: int) -> Iterator[Picture]:
         self.chunks.append((self.fed, timestamp))
         self.fed += len(data)
         try:
             packets = self.ctx.parse(data)
         except self._av.error.FFmpegError as e:
             raise DecodeError(str(e)) from e
-        return self._decode_packets(packets)
+        return self._pictures(packets)
 
     def flush(self) -> list[Picture]:
         pictures = self._decode_packets(self.ctx.parse(None))

@@ -53,23 +53,21 @@ from pyemb.device import Request
 from pyemb.video import protocol as p
 from pyemb.video.resources import Resource
 from pyemb.video.stream import OutputBuffer, StreamWorker, buffer_done
-from pyemb.video_backend import DecodeError, DecodeSession, Picture
+from pyemb.video_backend import (
+    DEFAULT_SIZE,
+    INPUT_BUFFER_SIZE,
+    DecodeError,
+    DecodeSession,
+    Picture,
+    align,
+)
 
-INPUT_BUFFER_SIZE = 1 << 20          # default sizeimage of bitstream buffers
 # The CAPTURE buffers a client must have: one.  The engine keeps its own
 # reference pictures, so none is held back as a reference; and the ChromeOS
 # driver makes this vb2's count of buffers queued before streaming starts, so
 # a larger value stalls a client that queues fewer (v4l2-compliance queues one).
 OUTPUT_MIN_BUFFERS = 1
 MAX_BUFFERS = 32
-ALIGN = 16                           # coded size: macroblock alignment
-# What both queues report before the stream or the client names a size:
-# V4L2 clients and v4l2-compliance refuse a 0x0 format.
-DEFAULT_SIZE = (640, 480)
-
-
-def align(v: int, a: int = ALIGN) -> int:
-    return (v + a - 1) // a * a
 
 
 def plane_formats(fmt: int, width: int, height: int) -> list[tuple[int, int]]:
