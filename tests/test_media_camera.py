@@ -321,6 +321,9 @@ def test_controls_clamp_menus_ext_ctrls_and_events_to_other_sessions(rig):
     assert v4l2.ExtControl.parse(rest[20:]).u.value == 2
     status, out = c.raw_ioctl(a, 71, bytes(v4l2.ExtControls(count=1)), 32 + 20,
                               bytes(v4l2.ExtControl(id=0x00981234)))
+    assert status == errno.EINVAL and v4l2.ExtControls.parse(out).error_idx == 1
+    status, out = c.raw_ioctl(a, 73, bytes(v4l2.ExtControls(count=1)), 32 + 20,
+                              bytes(v4l2.ExtControl(id=0x00981234)))
     assert status == errno.EINVAL and v4l2.ExtControls.parse(out).error_idx == 0
     assert c.status(a, "g_ctrl", v4l2.Control(id=0x00981234)) == errno.EINVAL
 
@@ -454,3 +457,52 @@ def test_file_source_loops_the_clip_converted_to_the_guest_format(tmp_path):
     rig.close()
     with pytest.raises(ConfigError, match="camera.path"):
         Rig({"camera": {"source": "file"}})
+
+
+def test_what_v4l2_compliance_checks_of_buffers(rig):
+    """CREATE_BUFS clears cache-hint flags and says ENOBUFS past the maximum;
+    REQBUFS frees buffers still queued once streaming is off; a prepared
+    USERPTR buffer's QBUF answers with the prepared pointer and length."""
+    c = rig.client
+    s = c.open()
+    cb = v4l2.CreateBuffers(count=1, memory=v4l2.MEMORY_MMAP, flags=1)
+    cb.format = c.ioctl(s, "g_fmt", v4l2.Format(type=CAP))[0]
+    cb.format.fmt.pix.sizeimage = 0
+    assert c.status(s, "create_bufs", cb) == errno.EINVAL      # too small for the format
+    cb.format = c.ioctl(s, "g_fmt", v4l2.Format(type=CAP))[0]
+    out = c.ioctl(s, "create_bufs", cb)[0]
+    assert out.flags == 0 and out.count == 1 and out.max_num_buffers == 32
+    cb.count = 31
+    assert c.ioctl(s, "create_bufs", cb)[0].count == 31
+    cb.count = 1
+    assert c.status(s, "create_bufs", cb) == errno.ENOBUFS
+    c.qbuf(s, 0)
+    c.stream(s, False)
+    assert c.reqbufs(s, 2).count == 2
+    size = 640 * 480 * 2
+    c.reqbufs(s, 2, memory=v4l2.MEMORY_USERPTR)
+    b, _ = c.buffer(0, memory=v4l2.MEMORY_USERPTR)
+    b.m.userptr, b.length = 0x7f0000000000, size
+    c.ioctl(s, "prepare_buf", b, sg=p.SG_ENTRY.pack(0x100000, size, 0))
+    assert c.status(s, "prepare_buf", b) == errno.EINVAL       # prepared already
+    b.m.userptr, b.length = 0, 0
+    out = c.ioctl(s, "qbuf", b)[0]
+    assert (out.m.userptr, out.length) == (0x7f0000000000, size)
+    assert out.flags & (v4l2.BUF_FLAG_QUEUED | v4l2.BUF_FLAG_PREPARED) == v4l2.BUF_FLAG_QUEUED
+
+
+def test_class_controls_are_write_only_and_send_no_initial_event(rig):
+    c = rig.client
+    s = c.open()
+    user_class = v4l2.CTRL_CLASS_USER | 1
+    ctrl = v4l2.ExtControl(id=user_class)
+    status, out = c.raw_ioctl(s, 71, bytes(v4l2.ExtControls(count=1)), 52, bytes(ctrl))
+    assert status == errno.EACCES and v4l2.ExtControls.parse(out).error_idx == 1
+    sub = v4l2.EventSubscription(type=v4l2.EVENT_CTRL, id=user_class,
+                                 flags=v4l2.EVENT_SUB_FL_SEND_INITIAL)
+    c.ioctl(s, "subscribe_event", sub)
+    assert rig.events(1, timeout=0.2) == []
+    sub.id = v4l2.CID_SATURATION
+    c.ioctl(s, "subscribe_event", sub)
+    (event,) = rig.events(1)
+    assert event.v4l2_event.id == v4l2.CID_SATURATION

@@ -105,7 +105,16 @@ def test_userptr_capture_into_guest_ram(cam):
     assert data == expected(fmt, e.buffer.sequence)
 
 
-def test_many_sessions_close_while_streaming_and_reset(cam):
+def test_many_sessions_close_while_streaming_and_reset(tmp_path):
+    m, cam = camera(config="[media]\nmax_sessions = 32\n", tmp_path=tmp_path)
+    try:
+        many_sessions(cam)
+        assert m.alive(), m.stderr()
+    finally:
+        m.stop()
+
+
+def many_sessions(cam: HostDriverMedia) -> None:
     c = cam.client
     sessions = [c.open() for _ in range(32)]
     with pytest.raises(IoctlFailed) as e:

@@ -9,7 +9,11 @@ event (:meth:`BufferQueue.dequeue_event`).  STREAMOFF takes every buffer
 back without events: the driver forgets them itself when STREAMOFF returns.
 
 Called under the owning session's lock; the producer thread holds a buffer
-it took without it.
+it took without it.  A producer that reads or writes a buffer's memory
+outside that lock marks it ``busy`` first: STREAMOFF, REQBUFS and a new
+USERPTR mapping then leave its guest mappings and its block of region 0 in
+``retired`` until :meth:`BufferQueue.settle`, so nothing is unmapped or
+handed to another buffer under the producer.
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ class Buffer:
     timestamp_us: int = 0
     timecode: bytes = bytes(16)
     sequence: int = 0
+    busy: bool = False                      # the producer uses its memory outside the lock
+    retired: list[Any] = field(default_factory=list)    # mappings / region offsets to free
     field: int = v4l2.FIELD_NONE
 
     def views(self, shm: SharedMemory, plane: int = 0) -> list[memoryview]:
@@ -63,15 +69,7 @@ class Buffer:
         return [m.view for m in p.mappings]
 
     def write(self, shm: SharedMemory, data: bytes | memoryview, plane: int = 0) -> int:
-        src = memoryview(data).cast("B")
-        done = 0
-        for view in self.views(shm, plane):
-            n = min(len(view), len(src) - done)
-            if n <= 0:
-                break
-            view[:n] = src[done:done + n]
-            done += n
-        return done
+        return scatter(self.views(shm, plane), data)
 
     def read(self, shm: SharedMemory, length: int, plane: int = 0) -> bytes:
         parts, left = [], length
@@ -81,6 +79,19 @@ class Buffer:
             parts.append(bytes(view[:left]))
             left -= len(parts[-1])
         return b"".join(parts)
+
+
+def scatter(views: list[memoryview], data: bytes | memoryview) -> int:
+    """Copy ``data`` across ``views`` in order; the bytes written."""
+    src = memoryview(data).cast("B")
+    done = 0
+    for view in views:
+        n = min(len(view), len(src) - done)
+        if n <= 0:
+            break
+        view[:n] = src[done:done + n]
+        done += n
+    return done
 
 
 class BufferQueue:
@@ -122,8 +133,6 @@ class BufferQueue:
         self._check_memory(req.memory)
         if self.streaming:
             raise V4L2Error(errno.EBUSY, "REQBUFS while streaming")
-        if any(b.queued for b in self.buffers) and req.count:
-            raise V4L2Error(errno.EBUSY, "buffers still queued")
         self.free()
         count = min(req.count, MAX_BUFFERS)
         if count:
@@ -141,17 +150,20 @@ class BufferQueue:
         self._check_memory(cb.memory)
         cb.capabilities = self.capabilities
         cb.max_num_buffers = MAX_BUFFERS
+        cb.flags = 0                        # no cache hints: memory is always coherent
         cb.index = len(self.buffers)
         if cb.count == 0:
             return
         if self.buffers and cb.memory != self.memory:
             raise V4L2Error(errno.EINVAL, "CREATE_BUFS with another memory type")
-        self.memory = cb.memory
         before = len(self.buffers)
+        if before >= MAX_BUFFERS:
+            raise V4L2Error(errno.ENOBUFS, f"at most {MAX_BUFFERS} buffers")
+        self.memory = cb.memory
         self._add(min(cb.count, MAX_BUFFERS - before), plane_size)
         cb.count = len(self.buffers) - before
         if cb.count == 0:
-            raise V4L2Error(errno.ENOMEM, "no room for more buffers")
+            raise V4L2Error(errno.ENOMEM, "shared memory region full")
 
     def _add(self, count: int, plane_size: int) -> None:
         for _ in range(count):
@@ -168,7 +180,9 @@ class BufferQueue:
         self.streamoff()
         for b in self.buffers:
             for p in b.planes:
-                if p.offset is not None:
+                if p.offset is not None and b.busy:
+                    b.retired.append(p.offset)
+                elif p.offset is not None:
                     self._shm.release(p.offset)
         self.buffers = []
         self.memory = 0
@@ -187,7 +201,7 @@ class BufferQueue:
         flags = buf.flags | self.timestamp_flag
         if buf.queued:
             flags |= v4l2.BUF_FLAG_QUEUED
-        if buf.prepared:
+        elif buf.prepared:
             flags |= v4l2.BUF_FLAG_PREPARED
         b.flags = flags
         b.field = buf.field
@@ -203,12 +217,16 @@ class BufferQueue:
                 dst.bytesused, dst.length, dst.data_offset = src.bytesused, src.length, 0
                 if src.offset is not None:
                     dst.m.mem_offset = src.offset
+                elif self.memory == v4l2.MEMORY_USERPTR:
+                    dst.m.userptr = src.userptr
                 C.memset(C.addressof(dst.reserved), 0, C.sizeof(dst.reserved))
             b.bytesused = 0
         else:
             b.bytesused, b.length = plane.bytesused, plane.length
             if plane.offset is not None:
                 b.m.offset = plane.offset
+            elif self.memory == v4l2.MEMORY_USERPTR:
+                b.m.userptr = plane.userptr      # a prepared buffer's, whatever QBUF said
 
     def querybuf(self, b: v4l2.Buffer, planes: list[v4l2.Plane]) -> None:
         buf = self._buffer(b)
@@ -220,14 +238,15 @@ class BufferQueue:
             raise V4L2Error(errno.EINVAL, "multi-planar buffer without planes")
 
     def prepare(self, b: v4l2.Buffer, planes: list[v4l2.Plane], sg: bytes,
-                min_size: int) -> Buffer:
-        """QBUF's checks and USERPTR mapping; QBUF then queues it."""
+                min_size: int, queueing: bool = False) -> Buffer:
+        """PREPARE_BUF, and QBUF's checks and USERPTR mapping before it
+        queues the buffer (``queueing``: a prepared buffer is then fine)."""
         buf = self._buffer(b)
         self._check_planes(b)
         if b.memory != self.memory:
             raise V4L2Error(errno.EINVAL, "wrong memory type")
-        if buf.queued:
-            raise V4L2Error(errno.EINVAL, "buffer already queued")
+        if buf.queued or (buf.prepared and not queueing):
+            raise V4L2Error(errno.EINVAL, "buffer already queued or prepared")
         plane_struct = planes[0] if self.mplane else None
         bytesused = plane_struct.bytesused if plane_struct is not None else b.bytesused
         if self.memory == v4l2.MEMORY_USERPTR and not buf.prepared:
@@ -235,7 +254,7 @@ class BufferQueue:
             userptr = plane_struct.m.userptr if plane_struct is not None else b.m.userptr
             if length < min_size:
                 raise V4L2Error(errno.EINVAL, f"USERPTR buffer of {length} < {min_size} bytes")
-            self._map_userptr(buf.planes[0], sg, length)
+            self._map_userptr(buf, buf.planes[0], sg, length)
             buf.planes[0].userptr = userptr
             buf.planes[0].length = length
         plane = buf.planes[0]
@@ -248,8 +267,8 @@ class BufferQueue:
         buf.prepared = True
         return buf
 
-    def _map_userptr(self, plane: MemoryPlane, sg: bytes, length: int) -> None:
-        self._unmap(plane)
+    def _map_userptr(self, buf: Buffer, plane: MemoryPlane, sg: bytes, length: int) -> None:
+        self._unmap(buf, plane)
         entries, covered = [], 0
         for start, size, _ in SG_ENTRY.iter_unpack(sg[: len(sg) - len(sg) % SG_ENTRY.size]):
             if covered >= length:
@@ -265,17 +284,31 @@ class BufferQueue:
                 if size:
                     plane.mappings.append(self._handle.map_guest(start, size, True))
         except ValueError as e:
-            self._unmap(plane)
+            self._unmap(buf, plane)
             raise V4L2Error(errno.EFAULT, f"USERPTR: {e}") from None
 
     @staticmethod
-    def _unmap(plane: MemoryPlane) -> None:
-        for m in plane.mappings:
-            m.release()
+    def _unmap(buf: Buffer, plane: MemoryPlane) -> None:
+        if buf.busy:
+            buf.retired.extend(plane.mappings)
+        else:
+            for m in plane.mappings:
+                m.release()
         plane.mappings = []
 
+    def settle(self, buf: Buffer) -> None:
+        """The producer is done with ``buf``'s memory: what was taken back
+        from it meanwhile is freed now."""
+        buf.busy = False
+        for item in buf.retired:
+            if isinstance(item, int):
+                self._shm.release(item)
+            else:
+                item.release()
+        buf.retired = []
+
     def qbuf(self, b: v4l2.Buffer, planes: list[v4l2.Plane], sg: bytes, min_size: int) -> Buffer:
-        buf = self.prepare(b, planes, sg, min_size)
+        buf = self.prepare(b, planes, sg, min_size, queueing=True)
         buf.queued = True
         buf.flags = 0
         self.pending.append(buf)
@@ -296,7 +329,7 @@ class BufferQueue:
             buf.queued = buf.prepared = False
             if self.memory == v4l2.MEMORY_USERPTR:
                 for p in buf.planes:
-                    self._unmap(p)
+                    self._unmap(buf, p)
 
     def take(self) -> Buffer | None:
         """The next queued buffer for the device, if streaming."""
@@ -320,5 +353,5 @@ class BufferQueue:
         self.fill(buf, b, planes)
         if self.memory == v4l2.MEMORY_USERPTR:
             for p in buf.planes:
-                self._unmap(p)
+                self._unmap(buf, p)
         return b, planes

@@ -351,7 +351,9 @@ class CameraSession(Session):
     def ioctl_create_bufs(self, cb: v4l2.CreateBuffers, extra: bytes) -> None:
         self._check_type(cb.format.type)
         cam = self.camera
-        size = max(cb.format.fmt.pix.sizeimage, cam.fmt.sizeimage)
+        size = cb.format.fmt.pix.sizeimage
+        if cb.count and size < cam.fmt.sizeimage:
+            raise V4L2Error(errno.EINVAL, "CREATE_BUFS buffers too small for the format")
         with cam.lock:
             queue = self._own_queue()
             queue.create_bufs(cb, size)

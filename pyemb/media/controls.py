@@ -153,15 +153,17 @@ class ControlSet:
         for i, ctrl in enumerate(controls):
             ec.error_idx = i if which == "get" or which == "try" else ec.count
             spec = self._by_id.get(ctrl.id)
-            if (spec is None or spec.type == v4l2.CTRL_TYPE_CTRL_CLASS
-                    or (cls and not default and spec.ctrl_class != cls)):
-                ec.error_idx = i
+            if spec is None or (cls and not default and spec.ctrl_class != cls):
+                ec.error_idx = i if which == "try" else ec.count
                 raise V4L2Error(errno.EINVAL, f"no control 0x{ctrl.id:08x}")
+            if which == "get" and spec.flags & CTRL_FLAG_WRITE_ONLY:
+                ec.error_idx = ec.count
+                raise V4L2Error(errno.EACCES, f"{spec.name} is write-only")
             if ctrl.size:
                 raise V4L2Error(errno.EINVAL, "no compound controls")
             if which != "get":
                 if spec.flags & v4l2.CTRL_FLAG_READ_ONLY:
-                    ec.error_idx = i
+                    ec.error_idx = ec.count if which == "set" else i
                     raise V4L2Error(errno.EACCES, f"{spec.name} is read-only")
                 checked.append((spec, spec.validate(ctrl.u.value)))
             else:

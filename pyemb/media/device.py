@@ -8,7 +8,9 @@ and session errors.  What a node does is its kind's business: ``role=camera``
 routes commands to sessions.
 
 Limits a guest cannot go past (each answered with an errno, not host memory):
-``[media] max_sessions`` open sessions (default 32, then ENOMEM);
+``[media] max_sessions`` open sessions (default 1024, then ENOMEM; a
+session without buffers costs about a kilobyte, and v4l2-compliance wants
+at least 100 opens);
 :data:`pyemb.media.buffers.MAX_BUFFERS` buffers per queue; MMAP buffers
 within the shared memory region (``shm-size``, then ENOMEM); 256 events
 waiting for event buffers (past that the oldest goes).
@@ -43,7 +45,7 @@ class MediaDevice(DeviceModel):
                  backend_class: type | None = None, role: str = "camera") -> None:
         self.handle = handle
         media = section(config, "media")
-        self.max_sessions = get_int(media, "max_sessions", 32, 1, 1024, "media")
+        self.max_sessions = get_int(media, "max_sessions", 1024, 1, 65536, "media")
         self.shm = SharedMemory(handle)
         self.events = EventQueue(p.EVENT_SIZE, EVENT_BACKLOG)
         self.sessions: dict[int, Session] = {}

@@ -56,7 +56,9 @@ class Session:
                 raise V4L2Error(errno.EINVAL, "no controls")
             spec = controls.spec(sub.id)
             self.subscriptions.add((sub.type, sub.id))
-            if sub.flags & v4l2.EVENT_SUB_FL_SEND_INITIAL:
+            # A class control has no value: no initial event for it.
+            if (sub.flags & v4l2.EVENT_SUB_FL_SEND_INITIAL
+                    and spec.type != v4l2.CTRL_TYPE_CTRL_CLASS):
                 from pyemb.media.controls import ctrl_event
                 self.post_event(ctrl_event(spec, controls[spec.id], changes=3))
             return
