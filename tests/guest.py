@@ -107,7 +107,11 @@ def boot_guest(device_args: list[str], script: str, files: dict[str, bytes] | No
                "-display", "none", "-nodefaults", "-no-reboot", "-serial", "stdio",
                "-kernel", str(guest_dir(arch) / "vmlinuz"), "-initrd", str(initrd),
                "-append", f"console={machine.console} quiet panic=-1", *device_args]
-        full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+        # The QEMU build is shared through the cache and its pyemb.conf names
+        # whichever checkout's venv built it last: pin this one, as the host
+        # driver does (tests/hostdriver/machine.py).
+        full_env = {**os.environ, "PYEMB_VENV": os.environ.get("PYEMB_VENV", sys.prefix),
+                    "PYTHONPATH": str(REPO), **(env or {})}
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                                   env=full_env, errors="replace")
