@@ -3,8 +3,9 @@ the host-side virtio driver, and print what happened; encode a 720p clip
 through the video encoder (demo/encode.py); then boot two Linux
 guests at once, each decoding a 720p H.264 clip through its own
 virtio-video-py and playing and recording sound through its own
-virtio-snd-py (demo/guests.py), and print where the pictures, videos and
-sound they left are.
+virtio-snd-py (demo/guests.py); boot a third that captures from its
+virtio-media-py camera (demo/guest_camera.py); and print where the
+pictures, videos and sound they left are.
 
 Run with ``make demo`` (which builds everything first) or
 ``.venv/bin/python -m demo.run`` from the repository root.
@@ -17,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from demo import encode, guest_video, guests
+from demo import encode, guest_camera, guest_video, guests
 from pyemb.snd import protocol as snd
 from pyemb.video import protocol as video
 from tests.hostdriver import Machine, VirtioDevice
@@ -123,10 +124,12 @@ def main() -> int:
         encoder.initialize(want_features=0b11)
         encoded = encode.encode_clip(m, encoder, REPO / "build" / "demo")
     files = guests.run(REPO / "build" / "demo")
+    files += guest_camera.run(REPO / "build" / "demo")
     print("demo done: both devices answered through the patched QEMU on both transports,"
           " the decoder decoded a clip into guest memory, the encoder encoded one,"
-          " and two Linux guests at once"
-          " decoded 720p H.264 bit-exact and played and recorded sound"
+          " two Linux guests at once"
+          " decoded 720p H.264 bit-exact and played and recorded sound,"
+          " and a guest captured from its virtio-media camera bit-exact"
           f" ({time.monotonic() - start:.0f} s in all)")
     print("to look at and listen to:")
     for path in [REPO / "build" / "demo" / "decoded-strip.png", encoded, *files]:
