@@ -33,6 +33,7 @@ bench: build
 	$(PYTHON) -m bench.encode_throughput
 	$(PYTHON) -m bench.encode_quality
 	$(PYTHON) -m bench.guest_decode
+	$(PYTHON) -m bench.media_capture
 	$(PYTHON) -m bench.snd_pacing
 	$(PYTHON) -m bench.soak
 

@@ -8,14 +8,19 @@ device's doing).  Prints:
 
 - frames delivered vs asked (seconds x 30; target: none dropped), and the
   gaps in the sequence numbers;
-- jitter of the frame timestamps against the ideal clock (the first
-  timestamp plus sequence x 1/30 s): median, p99 and worst, in ms;
+- jitter of the frame timestamps against the ideal clock (sequence x
+  1/30 s from the median phase): median, p99 and worst, in ms;
 - CPU per frame by thread role in QEMU (the camera's pacing thread
   ``pyemb-camera``, QEMU's main loop, the rest), and the reference: the
   same source rendering the same pictures directly in this process, with
   the ratio device / reference for the pacing thread.
 
     .venv/bin/python -m bench.media_capture [--seconds 30] [--format YUYV] [--buffers 6]
+        [--memory mmap|userptr]
+
+``--memory userptr`` puts the buffers in guest RAM instead (the device maps
+each one at QBUF): the difference in CPU per frame is what MMAP saves or
+costs.
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ def cpu_by_role(before: dict, after: dict) -> dict[str, int]:
     return used
 
 
-def device_run(seconds: float, fourcc: str, buffers: int) -> dict:
+def device_run(seconds: float, fourcc: str, buffers: int, userptr: bool) -> dict:
     with Machine.x86(["-device", "virtio-media-py-pci"], mem_mb=256) as m:
         media = HostDriverMedia(m, m.find_virtio(p.DEVICE_ID))
         c = media.client
@@ -64,9 +69,21 @@ def device_run(seconds: float, fourcc: str, buffers: int) -> dict:
         parm.parm.capture.timeperframe.numerator = 1
         parm.parm.capture.timeperframe.denominator = FPS
         c.ioctl(s, "s_parm", parm)
-        c.reqbufs(s, buffers)
+        size = ImageFormat(v4l2.fourcc(fourcc), WIDTH, HEIGHT).sizeimage
+        memory = v4l2.MEMORY_USERPTR if userptr else v4l2.MEMORY_MMAP
+        c.reqbufs(s, buffers, memory=memory)
+        # USERPTR: each buffer one range of guest RAM, as a guest's pages
+        # would be after the driver merged them.
+        sgs = {i: p.SG_ENTRY.pack(m.alloc.alloc(size, 4096), size, 0) for i in range(buffers)}
+
+        def queue(i: int) -> None:
+            if userptr:
+                c.qbuf(s, i, memory=memory, userptr=0x10000 * (i + 1), length=size, sg=sgs[i])
+            else:
+                c.qbuf(s, i)
+
         for i in range(buffers):
-            c.qbuf(s, i)
+            queue(i)
         before = threads_of(m.proc.pid)
         c.stream(s, True)
         frames: list[tuple[int, int]] = []
@@ -75,7 +92,7 @@ def device_run(seconds: float, fourcc: str, buffers: int) -> dict:
             for event in media.events(1, timeout=0.2):
                 b = event.buffer
                 frames.append((b.sequence, b.timestamp.tv_sec * 1_000_000 + b.timestamp.tv_usec))
-                c.qbuf(s, b.index)
+                queue(b.index)
         after = threads_of(m.proc.pid)
         c.stream(s, False)
     return {"frames": frames, "cpu": cpu_by_role(before, after)}
@@ -99,17 +116,21 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--format", default="YUYV", choices=["YUYV", "NV12", "YU12"])
     parser.add_argument("--buffers", type=int, default=6)
+    parser.add_argument("--memory", default="mmap", choices=["mmap", "userptr"])
     args = parser.parse_args()
-    run = device_run(args.seconds, args.format, args.buffers)
+    run = device_run(args.seconds, args.format, args.buffers, args.memory == "userptr")
     frames = run["frames"]
     asked = int(args.seconds * FPS)
     sequences = [s for s, _ in frames]
     gaps = sum(b - a - 1 for a, b in zip(sequences, sequences[1:], strict=False))
-    print(f"1080p{FPS} {args.format}, {args.buffers} MMAP buffers, {args.seconds:.0f} s")
+    print(f"1080p{FPS} {args.format}, {args.buffers} {args.memory.upper()} buffers, "
+          f"{args.seconds:.0f} s")
     print(f"frames delivered {len(frames)} of {asked} asked ({len(frames) / asked:.3f}), "
           f"sequence gaps {gaps}")
     if len(frames) > 1:
-        t0 = frames[0][1] - frames[0][0] * 1_000_000 / FPS
+        # The ideal clock's phase: the median offset, so one late first
+        # frame does not shift every other one.
+        t0 = statistics.median(ts - seq * 1_000_000 / FPS for seq, ts in frames)
         jitter = [abs(ts - (t0 + seq * 1_000_000 / FPS)) / 1000 for seq, ts in frames]
         jitter.sort()
         print(f"timestamp jitter vs ideal clock: median {statistics.median(jitter):.2f} ms, "
