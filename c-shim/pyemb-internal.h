@@ -20,19 +20,27 @@
 #include <Python.h>
 #pragma GCC diagnostic pop
 
+#include "exec/memory.h"
 #include "hw/virtio/virtio.h"
 #include "qemu/queue.h"
+#include "qemu/rcu.h"
 #include "qemu/thread.h"
+#include "qemu/units.h"
 
 #define TYPE_VIRTIO_PYEMB "virtio-pyemb-device"
 #define TYPE_VIRTIO_SND_PY "virtio-snd-py"
 #define TYPE_VIRTIO_VIDEO_PY "virtio-video-py"
+#define TYPE_VIRTIO_MEDIA_PY "virtio-media-py"
+
+/* virtio-media: MMAP buffers live in shared memory region 0 */
+#define PYEMB_SHM_ID 0
+#define PYEMB_SHM_DEFAULT_SIZE (256 * MiB)
 
 OBJECT_DECLARE_TYPE(VirtIOPyemb, VirtIOPyembClass, VIRTIO_PYEMB)
 
 struct VirtIOPyembClass {
     VirtioDeviceClass parent_class;
-    /* Which bundled device model pyemb.host builds: "snd" or "video". */
+    /* Which bundled device model pyemb.host builds: "snd", "video", "media". */
     const char *kind;
 };
 
@@ -46,6 +54,20 @@ typedef struct PyembDone {
     uint32_t written;
     QSIMPLEQ_ENTRY(PyembDone) next;
 } PyembDone;
+
+/*
+ * The host memory of a shared memory region.  The device holds one
+ * reference until it is finalized (dropped after an RCU grace period, when
+ * no flat view or TCG TLB can reach it), the Python exporter of its view
+ * another (dropped when the last view derived from it is freed): a view a
+ * model keeps past the unplug reads stale bytes, never unmapped memory.
+ */
+typedef struct PyembShm {
+    struct rcu_head rcu;        /* first: call_rcu() wants it there */
+    void *ptr;
+    uint64_t size;
+    int refs;                   /* atomic */
+} PyembShm;
 
 /* A guest mapping released without the BQL: unmapped by the main loop. */
 typedef struct PyembUnmap {
@@ -62,6 +84,7 @@ struct VirtIOPyemb {
     char *backend;
     char *config;
     char *role;
+    uint64_t shm_size;          /* virtio-media-py only; 0: no region */
 
     /* Shape, from the Python device model at realize */
     uint16_t device_id;
@@ -70,10 +93,20 @@ struct VirtIOPyemb {
     unsigned num_queues;
     VirtQueue **vqs;
 
+    /*
+     * Shared memory region 0, created by the PCI proxy before this device
+     * is realized (virtio-mmio has no shared memory regions); shm_mr is
+     * what the proxy's BAR 4 maps.
+     */
+    PyembShm *shm;
+    MemoryRegion shm_mr;
+
     /* Python side; touched only with the GIL held */
     PyObject *model;            /* the device model */
     PyObject *handle;           /* the _pyemb.Device handed to the model */
     PyObject *dispatch;         /* bound model.handle_request */
+    PyObject *shm_view;         /* handle.shared_memory, made on first use */
+    PyObject *shm_region;       /* its exporter */
     QTAILQ_HEAD(, PyembRequest) live_requests;
     QTAILQ_HEAD(, PyembMapping) mappings;
     bool warned_kept_views;
@@ -125,6 +158,7 @@ void pyemb_cancel_request(PyembRequest *req);
 void pyemb_release_mappings(VirtIOPyemb *s);
 void pyemb_unmap_guest(VirtIOPyemb *s, void *ptr, hwaddr len, bool writable);
 void pyemb_queue_unmap(VirtIOPyemb *s, void *ptr, hwaddr len, bool writable);
+void pyemb_revoke_shm_view(VirtIOPyemb *s);
 
 /* virtio-pyemb.c */
 void pyemb_push_element(VirtIOPyemb *s, unsigned queue_index,
@@ -134,6 +168,10 @@ void pyemb_queue_completion(VirtIOPyemb *s, unsigned queue_index,
                             bool schedule);
 void pyemb_push_completions_from_thread(VirtIOPyemb *s);
 void pyemb_request_config_notify(VirtIOPyemb *s);
+bool pyemb_shm_create(VirtIOPyemb *s, Error **errp);
+void pyemb_shm_ref(PyembShm *shm);
+void pyemb_shm_unref(PyembShm *shm);
+int pyemb_shm_discard(PyembShm *shm, uint64_t offset, uint64_t length);
 
 struct PyembRequest {
     PyObject_HEAD

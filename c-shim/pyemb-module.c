@@ -7,7 +7,8 @@
  *   _pyemb.GuestMapping  a long-lived mapping of guest RAM (virtio-video
  *                        resources), bounds-checked, unmapped on release()
  *   _pyemb.Device        the handle a device model gets: map_guest(),
- *                        notify_config(), batch()
+ *                        notify_config(), batch(), shared_memory,
+ *                        discard_shared_memory()
  *   log_error(), log_warning()   QEMU's error reporting
  *
  * Every function here runs with the GIL held.  Functions that touch virtio
@@ -41,6 +42,7 @@ typedef struct {
     bool readonly;
     bool valid;
     Py_ssize_t exports;
+    PyembShm *shm;              /* a reference to the memory, or NULL */
 } GuestRegion;
 
 static int guest_region_getbuffer(PyObject *obj, Py_buffer *view, int flags)
@@ -66,6 +68,16 @@ static void guest_region_releasebuffer(PyObject *obj, Py_buffer *view)
     ((GuestRegion *)obj)->exports--;
 }
 
+static void guest_region_dealloc(PyObject *obj)
+{
+    GuestRegion *r = (GuestRegion *)obj;
+
+    if (r->shm) {
+        pyemb_shm_unref(r->shm);
+    }
+    PyObject_Free(obj);
+}
+
 static PyBufferProcs guest_region_as_buffer = {
     .bf_getbuffer = guest_region_getbuffer,
     .bf_releasebuffer = guest_region_releasebuffer,
@@ -76,6 +88,7 @@ static PyTypeObject GuestRegionType = {
     .tp_name = "_pyemb.GuestRegion",
     .tp_basicsize = sizeof(GuestRegion),
     .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_dealloc = guest_region_dealloc,
     .tp_as_buffer = &guest_region_as_buffer,
     .tp_doc = "Guest memory behind a memoryview (internal).",
 };
@@ -95,6 +108,7 @@ static PyObject *guest_view_new(void *ptr, size_t len, bool readonly,
     r->readonly = readonly;
     r->valid = true;
     r->exports = 0;
+    r->shm = NULL;
     view = PyMemoryView_FromObject((PyObject *)r);
     if (!view) {
         Py_DECREF(r);
@@ -105,21 +119,33 @@ static PyObject *guest_view_new(void *ptr, size_t len, bool readonly,
 }
 
 /*
- * Kill a view and its exporter.  Returns true if something derived from
- * the view (a slice, a cast, a numpy array) is still alive: CPython gives
- * no way to revoke those, so they are reported instead.
+ * Kill a view (if any) and its exporter.  Returns true if something derived
+ * from the view (a slice, a cast, a numpy array) is still alive: CPython
+ * gives no way to revoke those, so they are reported instead.
  */
 static bool guest_view_invalidate(PyObject *view, PyObject *region)
 {
     GuestRegion *r = (GuestRegion *)region;
-    PyObject *res = PyObject_CallMethod(view, "release", NULL);
+    PyObject *res = view ? PyObject_CallMethod(view, "release", NULL) : NULL;
 
-    if (!res) {
+    if (view && !res) {
         PyErr_Clear();  /* BufferError: the view itself is exported */
     }
     Py_XDECREF(res);
     r->valid = false;
     return r->exports > 0;
+}
+
+/* Python 3.11's PyErr_Format() knows no %llx: GLib formats instead. */
+static void G_GNUC_PRINTF(1, 2) value_error(const char *fmt, ...)
+{
+    g_autofree char *msg = NULL;
+    va_list va;
+
+    va_start(va, fmt);
+    msg = g_strdup_vprintf(fmt, va);
+    va_end(va);
+    PyErr_SetString(PyExc_ValueError, msg);
 }
 
 static void warn_kept_views(VirtIOPyemb *s, const char *what)
@@ -603,15 +629,13 @@ static PyObject *handle_map_guest(PyObject *self, PyObject *args,
         return NULL;
     }
     if (len == 0 || addr + len < addr || len > PY_SSIZE_T_MAX) {
-        PyErr_Format(PyExc_ValueError, "invalid guest range 0x%llx+0x%llx",
-                     addr, len);
+        value_error("invalid guest range 0x%llx+0x%llx", addr, len);
         return NULL;
     }
     as = VIRTIO_DEVICE(s)->dma_as;
     if (!range_is_guest_ram(as, addr, len, writable)) {
-        PyErr_Format(PyExc_ValueError,
-                     "guest range 0x%llx+0x%llx is not %sguest RAM",
-                     addr, len, writable ? "writable " : "");
+        value_error("guest range 0x%llx+0x%llx is not %sguest RAM",
+                    addr, len, writable ? "writable " : "");
         return NULL;
     }
     mapped = len;
@@ -623,9 +647,8 @@ static PyObject *handle_map_guest(PyObject *self, PyObject *args,
         if (ptr) {
             dma_memory_unmap(as, ptr, mapped, DMA_DIRECTION_TO_DEVICE, 0);
         }
-        PyErr_Format(PyExc_ValueError,
-                     "guest range 0x%llx+0x%llx is not contiguous guest RAM",
-                     addr, len);
+        value_error("guest range 0x%llx+0x%llx is not contiguous guest RAM",
+                    addr, len);
         return NULL;
     }
     trace_pyemb_map_guest(addr, len, writable);
@@ -702,6 +725,103 @@ static PyObject *handle_get_pending(PyObject *self, void *closure)
     return PyLong_FromLong(n);
 }
 
+/* ---- the shared memory region ---- */
+
+static bool view_released(PyObject *view)
+{
+    return ((PyMemoryViewObject *)view)->flags & _Py_MEMORYVIEW_RELEASED;
+}
+
+/*
+ * handle.shared_memory: one writable memoryview over the whole region, made
+ * on first use and made again if the model released it (a with block);
+ * None where the device has no region (shm-size=0, virtio-mmio).
+ */
+static PyObject *handle_get_shared_memory(PyObject *self, void *closure)
+{
+    VirtIOPyemb *s = handle_device(self);
+    PyObject *view, *region;
+
+    if (!s) {
+        return NULL;
+    }
+    if (!s->shm) {
+        Py_RETURN_NONE;
+    }
+    if (s->shm_view && view_released(s->shm_view)) {
+        Py_CLEAR(s->shm_view);
+    }
+    if (!s->shm_view && s->shm_region) {
+        s->shm_view = PyMemoryView_FromObject(s->shm_region);
+    } else if (!s->shm_view) {
+        view = guest_view_new(s->shm->ptr, s->shm->size, false, &region);
+        if (!view) {
+            return NULL;
+        }
+        pyemb_shm_ref(s->shm);
+        ((GuestRegion *)region)->shm = s->shm;
+        s->shm_view = view;
+        s->shm_region = region;
+    }
+    return Py_XNewRef(s->shm_view);
+}
+
+/* Unrealize: handle.shared_memory dies (its memory lives on, see PyembShm). */
+void pyemb_revoke_shm_view(VirtIOPyemb *s)
+{
+    if (!s->shm_region) {
+        return;
+    }
+    if (guest_view_invalidate(s->shm_view, s->shm_region)) {
+        warn_kept_views(s, "its unplug (shared memory)");
+    }
+    Py_CLEAR(s->shm_view);
+    Py_CLEAR(s->shm_region);
+}
+
+static PyObject *handle_discard_shared_memory(PyObject *self, PyObject *args,
+                                              PyObject *kwargs)
+{
+    static const char *kwlist[] = { "offset", "length", NULL };
+    VirtIOPyemb *s = handle_device(self);
+    long long offset, length;
+    PyembShm *shm;
+    int ret, err;
+
+    if (!s || !PyArg_ParseTupleAndKeywords(args, kwargs,
+                                           "LL:discard_shared_memory",
+                                           (char **)kwlist, &offset,
+                                           &length)) {
+        return NULL;
+    }
+    shm = s->shm;
+    if (!shm) {
+        PyErr_SetString(PyExc_ValueError,
+                        "the device has no shared memory region");
+        return NULL;
+    }
+    if (offset < 0 || length < 0 || (uint64_t)offset > shm->size ||
+        (uint64_t)length > shm->size - offset) {
+        value_error("range 0x%llx+0x%llx is outside the shared memory "
+                    "region (0x%" PRIx64 " bytes)", offset, length, shm->size);
+        return NULL;
+    }
+    if (!length) {
+        Py_RETURN_NONE;
+    }
+    pyemb_shm_ref(shm);         /* the device may go while the GIL is free */
+    Py_BEGIN_ALLOW_THREADS
+    ret = pyemb_shm_discard(shm, offset, length);
+    err = errno;
+    Py_END_ALLOW_THREADS
+    pyemb_shm_unref(shm);
+    if (ret < 0) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
 /* handle.batch() is the handle itself: it reads better in a with. */
 static PyObject *handle_batch(PyObject *self, PyObject *unused)
 {
@@ -757,6 +877,15 @@ static PyMethodDef handle_methods[] = {
       "then takes QEMU's lock (with the GIL let go): end the block holding\n"
       "no lock that handle_request may wait for.  Without it, completions\n"
       "from threads of the model wake QEMU's main loop one by one." },
+    { "discard_shared_memory",
+      (PyCFunction)(void (*)(void))handle_discard_shared_memory,
+      METH_VARARGS | METH_KEYWORDS,
+      "discard_shared_memory(offset, length)\n\n"
+      "Zero that range of the shared memory region and give its whole pages\n"
+      "back to the host (madvise MADV_DONTNEED), so freed buffers keep no\n"
+      "host memory; the guest reads zeros there.  ValueError for a range\n"
+      "outside the region or a device without one.  Callable from any\n"
+      "thread." },
     { "__enter__", handle_enter, METH_NOARGS, NULL },
     { "__exit__", handle_exit, METH_VARARGS, NULL },
     { NULL }
@@ -767,6 +896,10 @@ static PyGetSetDef handle_getset[] = {
     { "live", handle_get_live, NULL, "False once the device is unrealized" },
     { "pending_requests", handle_get_pending, NULL,
       "requests popped but not yet completed" },
+    { "shared_memory", handle_get_shared_memory, NULL,
+      "writable memoryview over the whole shared memory region 0 (what the\n"
+      "guest maps through the BAR), or None where there is none; dead\n"
+      "(ValueError) once the device is unplugged" },
     { NULL }
 };
 

@@ -1,12 +1,14 @@
 /*
  * pyemb: virtio devices whose behaviour is a Python device model
  *
- * virtio-snd-py (ID 25) and virtio-video-py (ID 31 decoder, 30 encoder) are
- * thin: realize asks pyemb.host for a device model, takes the device ID,
- * queues, features and config size from it, and every popped element goes
- * to model.handle_request(queue, request).  The model completes requests
- * at once or later from any thread; completions from threads without the
- * BQL are pushed by a bottom half in the main loop.
+ * virtio-snd-py (ID 25), virtio-video-py (ID 31 decoder, 30 encoder) and
+ * virtio-media-py (ID 48) are thin: realize asks pyemb.host for a device
+ * model, takes the device ID, queues, features and config size from it,
+ * and every popped element goes to model.handle_request(queue, request).
+ * The model completes requests at once or later from any thread;
+ * completions from threads without the BQL are pushed by a bottom half in
+ * the main loop.  virtio-media-py also has shared memory region 0 on PCI,
+ * host memory the model writes video frames into and the guest maps.
  *
  * SPDX-License-Identifier: GPL-2.0-or-later
  */
@@ -154,12 +156,6 @@ static void pyemb_completion_bh(void *opaque)
 }
 
 /*
- * A thread without the BQL pushes @s's queued completions itself, so that
- * the main loop is not woken for them.  GIL held on entry and on return;
- * it is let go while taking the BQL, because the main loop takes the BQL
- * first and the GIL second.
- */
-/*
  * The object whose allocation holds @s: on PCI the device is embedded in
  * its proxy (a reference to the embedded object does not keep the proxy's
  * memory), on virtio-mmio it is its own.
@@ -174,6 +170,121 @@ static Object *pyemb_owner(VirtIOPyemb *s)
     return obj;
 }
 
+/* ---- shared memory region --------------------------------------------- */
+
+/* shm-size: 0 (no region) or a power of two of at least 1 MiB. */
+static bool pyemb_shm_check(VirtIOPyemb *s, Error **errp)
+{
+    if (s->shm_size && (s->shm_size < MiB || !is_power_of_2(s->shm_size))) {
+        error_setg(errp, "%s: shm-size must be 0 (no shared memory) or a "
+                   "power of two of at least 1M, not %" PRIu64,
+                   pyemb_name(s), s->shm_size);
+        return false;
+    }
+    return true;
+}
+
+/*
+ * Called by the PCI proxy before @s is realized.  The memory is an
+ * anonymous MAP_NORESERVE mapping the shim owns: untouched pages cost
+ * nothing (a 256 MiB region is address space until the model writes
+ * frames into it) and discard_shared_memory() gives pages back with
+ * madvise().  It is put under a RAM MemoryRegion with
+ * memory_region_init_ram_ptr() rather than an I/O region, so that guest
+ * accesses through the BAR are plain memory (a KVM memory slot, TCG's
+ * direct path), not an exit per access; QEMU never frees the memory of
+ * such a block (RAM_PREALLOC), so Python's view of it can outlive the
+ * device (see PyembShm).  The region's owner is the object that holds @s's
+ * memory (the proxy): a flat view that still maps the BAR pins it.
+ */
+bool pyemb_shm_create(VirtIOPyemb *s, Error **errp)
+{
+    void *ptr;
+
+    if (!pyemb_shm_check(s, errp)) {
+        return false;
+    }
+    if (!s->shm_size || s->shm) {
+        return true;
+    }
+    ptr = mmap(NULL, s->shm_size, PROT_READ | PROT_WRITE,
+               MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (ptr == MAP_FAILED) {
+        error_setg_errno(errp, errno, "%s: cannot reserve %" PRIu64 " bytes "
+                         "of shared memory (shm-size)", pyemb_name(s),
+                         s->shm_size);
+        return false;
+    }
+    s->shm = g_new0(PyembShm, 1);
+    s->shm->ptr = ptr;
+    s->shm->size = s->shm_size;
+    s->shm->refs = 1;
+    memory_region_init_ram_ptr(&s->shm_mr, pyemb_owner(s), "pyemb-shm",
+                               s->shm_size, ptr);
+    return true;
+}
+
+void pyemb_shm_ref(PyembShm *shm)
+{
+    qatomic_inc(&shm->refs);
+}
+
+void pyemb_shm_unref(PyembShm *shm)
+{
+    if (qatomic_fetch_dec(&shm->refs) == 1) {
+        munmap(shm->ptr, shm->size);
+        g_free(shm);
+    }
+}
+
+/*
+ * Zero [offset, offset + length) of the region, giving its whole pages back
+ * to the host; the caller checked the range.  Any thread, no lock needed.
+ */
+int pyemb_shm_discard(PyembShm *shm, uint64_t offset, uint64_t length)
+{
+    uint64_t page = qemu_real_host_page_size();
+    uint64_t end = offset + length;
+    uint64_t first = ROUND_UP(offset, page), last = ROUND_DOWN(end, page);
+    uint8_t *p = shm->ptr;
+
+    if (first >= last) {
+        memset(p + offset, 0, length);
+        return 0;
+    }
+    memset(p + offset, 0, first - offset);
+    memset(p + last, 0, end - last);
+    /* Linux's MADV_DONTNEED: private anonymous pages read as zero after. */
+    return madvise(p + first, last - first, MADV_DONTNEED);
+}
+
+/*
+ * Finalize: no flat view maps the region any more (they pin the owner).
+ * Its RAM block is freed first, then the device's reference to the memory
+ * is dropped after an RCU grace period, queued behind the block's own.
+ */
+static void pyemb_instance_finalize(Object *obj)
+{
+    VirtIOPyemb *s = VIRTIO_PYEMB(obj);
+
+    if (!s->shm) {
+        return;
+    }
+    if (OBJECT(&s->shm_mr)->parent) {
+        object_unparent(OBJECT(&s->shm_mr));
+    }
+    call_rcu(s->shm, pyemb_shm_unref, rcu);
+    s->shm = NULL;
+}
+
+/* ---- completions from threads ----------------------------------------- */
+
+/*
+ * A thread without the BQL pushes @s's queued completions itself, so that
+ * the main loop is not woken for them.  GIL held on entry and on return;
+ * it is let go while taking the BQL, because the main loop takes the BQL
+ * first and the GIL second.
+ */
 void pyemb_push_completions_from_thread(VirtIOPyemb *s)
 {
     PyThreadState *ts;
@@ -526,10 +637,33 @@ static bool pyemb_create_model(VirtIOPyemb *s, uint16_t **queue_sizes,
 
 static void pyemb_drop_model(VirtIOPyemb *s)
 {
+    pyemb_revoke_shm_view(s);
     pyemb_device_handle_detach(s->handle);
     Py_CLEAR(s->dispatch);
     Py_CLEAR(s->model);
     Py_CLEAR(s->handle);
+}
+
+/*
+ * QEMU 10's virtio_init() names the device from a table of device IDs that
+ * ends at VIRTIO_ID_GPIO (41), with holes at 0, 14 and 15, and asserts on
+ * an ID it lacks: virtio-media's 48 among them.  Such a device is
+ * initialized under an ID of the table, then given its own ID, and its
+ * type's name for messages.
+ */
+static void pyemb_virtio_init(VirtIOPyemb *s)
+{
+    VirtIODevice *vdev = VIRTIO_DEVICE(s);
+    uint16_t id = s->device_id;
+
+    if ((id >= VIRTIO_ID_NET && id <= VIRTIO_ID_MEMORY_BALLOON) ||
+        (id >= VIRTIO_ID_GPU && id <= VIRTIO_ID_GPIO)) {
+        virtio_init(vdev, id, s->config_size);
+        return;
+    }
+    virtio_init(vdev, VIRTIO_ID_GPIO, s->config_size);
+    vdev->device_id = id;
+    vdev->name = pyemb_name(s);
 }
 
 static void pyemb_realize(DeviceState *dev, Error **errp)
@@ -539,7 +673,7 @@ static void pyemb_realize(DeviceState *dev, Error **errp)
     g_autofree uint16_t *queue_sizes = NULL;
     bool gil, ok;
 
-    if (!pyemb_python_start(errp)) {
+    if (!pyemb_shm_check(s, errp) || !pyemb_python_start(errp)) {
         return;
     }
     QTAILQ_INIT(&s->live_requests);
@@ -563,7 +697,7 @@ static void pyemb_realize(DeviceState *dev, Error **errp)
     QSIMPLEQ_INIT(&s->done);
     QSIMPLEQ_INIT(&s->unmaps);
     s->completion_bh = virtio_bh_new_guarded(dev, pyemb_completion_bh, s);
-    virtio_init(vdev, s->device_id, s->config_size);
+    pyemb_virtio_init(s);
     s->vqs = g_new(VirtQueue *, s->num_queues);
     for (unsigned i = 0; i < s->num_queues; i++) {
         s->vqs[i] = virtio_add_queue(vdev, queue_sizes[i],
@@ -622,38 +756,48 @@ static void pyemb_class_init(ObjectClass *klass, void *data)
     vdc->reset = pyemb_reset;
 }
 
-static const Property pyemb_snd_properties[] = {
-    DEFINE_PROP_STRING("backend", VirtIOPyemb, backend),
-    DEFINE_PROP_STRING("config", VirtIOPyemb, config),
-};
-
-static const Property pyemb_video_properties[] = {
+/* Each device type takes the first nprops: snd 2, video 3, media 4. */
+static const Property pyemb_properties[] = {
     DEFINE_PROP_STRING("backend", VirtIOPyemb, backend),
     DEFINE_PROP_STRING("config", VirtIOPyemb, config),
     DEFINE_PROP_STRING("role", VirtIOPyemb, role),
+    DEFINE_PROP_SIZE("shm-size", VirtIOPyemb, shm_size,
+                     PYEMB_SHM_DEFAULT_SIZE),
 };
 
-static void pyemb_snd_class_init(ObjectClass *klass, void *data)
-{
-    DeviceClass *dc = DEVICE_CLASS(klass);
-    VirtIOPyembClass *k = VIRTIO_PYEMB_CLASS(klass);
+/* What sets the device types apart: their TypeInfo's class_data. */
+typedef struct PyembTypeData {
+    const char *kind;
+    const char *desc;
+    size_t nprops;
+    int category;
+} PyembTypeData;
 
-    k->kind = "snd";
-    dc->desc = "pyemb virtio sound device (Python device model)";
-    device_class_set_props(dc, pyemb_snd_properties);
-    set_bit(DEVICE_CATEGORY_SOUND, dc->categories);
+static void pyemb_type_class_init(ObjectClass *klass, void *data)
+{
+    const PyembTypeData *t = data;
+    DeviceClass *dc = DEVICE_CLASS(klass);
+
+    VIRTIO_PYEMB_CLASS(klass)->kind = t->kind;
+    dc->desc = t->desc;
+    device_class_set_props_n(dc, pyemb_properties, t->nprops);
+    set_bit(t->category, dc->categories);
 }
 
-static void pyemb_video_class_init(ObjectClass *klass, void *data)
-{
-    DeviceClass *dc = DEVICE_CLASS(klass);
-    VirtIOPyembClass *k = VIRTIO_PYEMB_CLASS(klass);
+static const PyembTypeData pyemb_snd_data = {
+    "snd", "pyemb virtio sound device (Python device model)", 2,
+    DEVICE_CATEGORY_SOUND,
+};
 
-    k->kind = "video";
-    dc->desc = "pyemb virtio video decoder/encoder (Python device model)";
-    device_class_set_props(dc, pyemb_video_properties);
-    set_bit(DEVICE_CATEGORY_MISC, dc->categories);
-}
+static const PyembTypeData pyemb_video_data = {
+    "video", "pyemb virtio video decoder/encoder (Python device model)", 3,
+    DEVICE_CATEGORY_MISC,
+};
+
+static const PyembTypeData pyemb_media_data = {
+    "media", "pyemb virtio-media V4L2 device (Python device model)", 4,
+    DEVICE_CATEGORY_MISC,
+};
 
 static const TypeInfo pyemb_types[] = {
     {
@@ -661,20 +805,29 @@ static const TypeInfo pyemb_types[] = {
         .parent = TYPE_VIRTIO_DEVICE,
         .instance_size = sizeof(VirtIOPyemb),
         .class_size = sizeof(VirtIOPyembClass),
+        .instance_finalize = pyemb_instance_finalize,
         .class_init = pyemb_class_init,
         .abstract = true,
     }, {
         .name = TYPE_VIRTIO_SND_PY,
         .parent = TYPE_VIRTIO_PYEMB,
-        .class_init = pyemb_snd_class_init,
+        .class_init = pyemb_type_class_init,
+        .class_data = (void *)&pyemb_snd_data,
     }, {
         .name = TYPE_VIRTIO_VIDEO_PY,
         .parent = TYPE_VIRTIO_PYEMB,
-        .class_init = pyemb_video_class_init,
+        .class_init = pyemb_type_class_init,
+        .class_data = (void *)&pyemb_video_data,
+    }, {
+        .name = TYPE_VIRTIO_MEDIA_PY,
+        .parent = TYPE_VIRTIO_PYEMB,
+        .class_init = pyemb_type_class_init,
+        .class_data = (void *)&pyemb_media_data,
     },
 };
 
 DEFINE_TYPES(pyemb_types)
 module_obj(TYPE_VIRTIO_SND_PY);
 module_obj(TYPE_VIRTIO_VIDEO_PY);
+module_obj(TYPE_VIRTIO_MEDIA_PY);
 module_kconfig(PYEMB);

@@ -59,10 +59,32 @@ class DeviceHandle(Protocol):
     name: str
     live: bool
     pending_requests: int
+    shared_memory: memoryview | None
+    """virtio-media-py: shared memory region 0, the host memory that the
+    guest maps through the PCI BAR (``shm-size`` bytes, 256 MiB by default, a
+    power of two), as one writable memoryview (format ``B``) over the whole
+    region; the same view each time.  The model decides where buffers go in
+    it and writes frames straight into it; the guest sees every write at
+    once, and the model sees the guest's.  None where the device has no
+    region: ``shm-size=0``, virtio-mmio (QEMU's has no shared memory
+    regions), the other device types.  The region outlives a device reset
+    (with its bytes); at unplug the view dies (``ValueError``) and views
+    derived from it (slices, numpy arrays) are reported as stale, though
+    their memory stays mapped while they live."""
 
     def map_guest(self, address: int, length: int, writable: bool = True) -> GuestMapping: ...
 
     def notify_config(self) -> None: ...
+
+    def discard_shared_memory(self, offset: int, length: int) -> None:
+        """Zero ``[offset, offset + length)`` of :attr:`shared_memory` and give
+        its whole pages back to the host (``madvise(MADV_DONTNEED)``): a
+        freed buffer keeps no host memory, and the guest reads zeros there.
+        Partial pages at the ends are zeroed in place, so page-aligned
+        buffers are best.  ``ValueError`` for a range outside the region or
+        a device without one.  Callable from any thread (the GIL is let go
+        meanwhile)."""
+        ...
 
     def batch(self) -> AbstractContextManager[Any]:
         """``with handle.batch():`` -- requests this thread completes inside

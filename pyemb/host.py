@@ -31,11 +31,19 @@ def check_environment(venv: str) -> None:
     sys.setswitchinterval(SWITCH_INTERVAL_S)
 
 
-def _model_classes() -> dict[str, type[DeviceModel]]:
-    from pyemb.snd.device import SoundDevice
-    from pyemb.video.device import VideoDevice
-
-    return {"snd": SoundDevice, "video": VideoDevice}
+def _model_class(kind: str) -> type[DeviceModel]:
+    """The bundled model of a device kind, imported only when it is used (a
+    whole-model backend never imports it)."""
+    if kind == "snd":
+        from pyemb.snd.device import SoundDevice
+        return SoundDevice
+    if kind == "video":
+        from pyemb.video.device import VideoDevice
+        return VideoDevice
+    if kind == "media":
+        from pyemb.media.device import MediaDevice
+        return MediaDevice
+    raise ConfigError(f"unknown device kind {kind!r}")
 
 
 def create_device(
@@ -55,7 +63,6 @@ def create_device(
     Raises :class:`ConfigError` with a one-line message on any problem.
     """
     config = load_config(config_path)
-    model_class = _model_classes()[kind]
     spec = backend or section(config, "backend").get("class")
     if spec is not None and not isinstance(spec, str):
         raise ConfigError("config: backend.class must be a string module:Class")
@@ -63,9 +70,11 @@ def create_device(
     kwargs: dict[str, Any] = {}
     if role is not None:
         kwargs["role"] = role
+    whole_model = backend_class is not None and issubclass(backend_class, DeviceModel)
+    model_class = backend_class if whole_model else _model_class(kind)
     try:
-        if backend_class is not None and issubclass(backend_class, DeviceModel):
-            return backend_class(handle, config, **kwargs)
+        if whole_model:
+            return model_class(handle, config, **kwargs)
         return model_class(handle, config, backend_class=backend_class, **kwargs)
     except ConfigError:
         raise

@@ -84,6 +84,7 @@ def test_guest_mapping_outside_ram_is_refused(probe, where):
     }[where]
     reply = command(dev, f"map {address:#x} {length:#x}")
     assert reply.startswith("refused"), reply
+    assert f"range {address:#x}+{length:#x}" in reply, reply      # formatted, not "%llx"
     assert command(dev, "echo alive") == "alive"
 
 
