@@ -191,3 +191,75 @@ class EncoderFailingAtPicture3(PyAVBackend):
 
         session.encode = failing
         return session
+
+
+# Views of shared memory kept by ShmProbe devices, by device name: another
+# device in the same QEMU probes them after the keeper is unplugged.
+KEPT_SHM: dict[str, tuple] = {}
+
+
+class ShmProbe(DeviceModel):
+    """A virtio-media-ID device (48) whose queue 0 takes text commands on
+    ``handle.shared_memory``; queue 1 (an event queue) holds its requests."""
+
+    device_id = 48
+    queue_sizes = (64, 64)
+
+    def __init__(self, handle, config, **kwargs) -> None:
+        self.held: list[Request] = []
+        super().__init__(handle, config)
+
+    def queue_handlers(self) -> list[Callable[[Request], None]]:
+        return [self.on_command, self.held.append]
+
+    def reset(self) -> None:
+        super().reset()
+        self.held.clear()
+
+    def on_command(self, request: Request) -> None:
+        op, *args = read_all(request).decode().split()
+        shm = self.handle.shared_memory
+        if op in ("write", "read", "touch"):
+            at = int(args[0], 0)
+        if op == "size":
+            reply = "none" if shm is None else str(len(shm))
+        elif op == "write":             # write OFFSET HEX
+            data = bytes.fromhex(args[1])
+            shm[at:at + len(data)] = data
+            reply = "ok"
+        elif op == "read":              # read OFFSET LENGTH -> hex
+            reply = shm[at:at + int(args[1], 0)].hex()
+        elif op == "touch":             # touch OFFSET LENGTH: every page
+            n = int(args[1], 0)
+            shm[at:at + n] = b"\x5a" * n
+            reply = "ok"
+        elif op in ("discard", "discard-in-thread"):
+            reply = self._discard(int(args[0], 0), int(args[1], 0), op != "discard")
+        elif op == "keep":              # the view itself and a slice of it
+            KEPT_SHM[self.handle.name] = (self.handle, shm, shm[:16])
+            reply = "kept"
+        elif op == "probe-kept":        # probe-kept NAME: another device's
+            handle, view, piece = KEPT_SHM[args[0]]
+            reply = (f"live={handle.live} view={ProbeDevice._probe(view)} "
+                     f"slice={bytes(piece).hex()}")
+        else:
+            reply = f"unknown {op}"
+        request.complete(write_all(request, reply.encode()))
+
+    def _discard(self, offset: int, length: int, in_thread: bool) -> str:
+        outcome: list[str] = []
+
+        def run() -> None:
+            try:
+                self.handle.discard_shared_memory(offset, length)
+                outcome.append("ok")
+            except ValueError as e:
+                outcome.append(f"refused {e}")
+
+        if in_thread:
+            thread = threading.Thread(target=run, name="discarding")
+            thread.start()
+            thread.join()
+        else:
+            run()
+        return outcome[0]

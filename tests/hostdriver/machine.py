@@ -23,10 +23,14 @@ REPO = Path(__file__).resolve().parents[2]
 QEMU_DIR = Path(os.environ.get("PYEMB_QEMU_DIR", REPO / "build" / "qemu"))
 
 ARCHES = {
-    # binary, machine, RAM base, first address for BARs
+    # binary, machine, RAM base, first address for 32-bit BARs
     "x86_64": ("qemu-system-x86_64", "pc", 0x0, 0xE0000000),
     "aarch64": ("qemu-system-aarch64", "virt", 0x40000000, None),
 }
+# First address for 64-bit BARs: above 4 GiB and above the guest RAM of any
+# test (the pc machine's PCI address space shows through wherever RAM and
+# its own devices are not, and qtest reaches every address).
+BAR64_BASE = 0x10_0000_0000
 
 
 class QemuExited(Exception):
@@ -48,7 +52,7 @@ class Machine:
         self.binary, self.machine_type, self.ram_base, bar_base = ARCHES[arch]
         self.args, self.mem_mb, self.env, self.cwd = args, mem_mb, env, cwd
         self.prealloc = prealloc        # fault guest RAM in at start, like -mem-prealloc
-        self.bar_window = [bar_base]
+        self.bar_window = [bar_base, BAR64_BASE]
         self.next_msix_area = self.ram_base + 0x10000
         self.proc: subprocess.Popen | None = None
 

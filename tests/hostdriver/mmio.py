@@ -14,6 +14,8 @@ DRIVER_FEATURES, DRIVER_FEATURES_SEL = 0x020, 0x024
 QUEUE_SEL, QUEUE_NUM_MAX, QUEUE_NUM, QUEUE_READY = 0x030, 0x034, 0x038, 0x044
 QUEUE_NOTIFY, INTERRUPT_STATUS, INTERRUPT_ACK, STATUS = 0x050, 0x060, 0x064, 0x070
 QUEUE_DESC, QUEUE_AVAIL, QUEUE_USED = 0x080, 0x090, 0x0A0
+SHM_SEL, SHM_LEN, SHM_BASE = 0x0AC, 0x0B0, 0x0B8      # 64-bit: low word, high word
+SHM_ABSENT = 0xFFFFFFFFFFFFFFFF                        # the length of a missing region
 CONFIG = 0x100
 
 
@@ -49,6 +51,20 @@ class MmioTransport:
 
     def get_status(self) -> int:
         return self._r(STATUS)
+
+    def shm_regions(self) -> dict[int, tuple[int, int]]:
+        """Shared memory regions: {id: (guest-physical address, length)}.
+        Each of the 256 IDs is selected and asked for; a length of all ones
+        says there is none (QEMU's virtio-mmio has none at all)."""
+        if not hasattr(self, "_shm"):
+            self._shm: dict[int, tuple[int, int]] = {}
+            for shm_id in range(256):
+                self._w(SHM_SEL, shm_id)
+                length = self._r(SHM_LEN) | self._r(SHM_LEN + 4) << 32
+                if length != SHM_ABSENT:
+                    base = self._r(SHM_BASE) | self._r(SHM_BASE + 4) << 32
+                    self._shm[shm_id] = (base, length)
+        return dict(self._shm)
 
     def set_status(self, v: int) -> None:
         self._w(STATUS, v)

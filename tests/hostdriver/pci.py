@@ -11,6 +11,7 @@ from tests.hostdriver.qtest import QTest
 VIRTIO_VENDOR = 0x1AF4
 CAP_VENDOR, CAP_MSIX = 0x09, 0x11
 COMMON_CFG, NOTIFY_CFG, ISR_CFG, DEVICE_CFG = 1, 2, 3, 4
+SHARED_MEMORY_CFG = 8          # struct virtio_pci_cap64: offset_hi, length_hi follow
 
 # virtio_pci_common_cfg offsets
 DFSELECT, DF, GFSELECT, GF = 0x00, 0x04, 0x08, 0x0C
@@ -57,8 +58,12 @@ class PciDevice:
         return caps
 
     def map_bars(self, window: list[int]) -> dict[int, int]:
-        """Give every memory BAR an address from window[0] on; enable the
-        device as bus master.  Returns {bar index: address}."""
+        """Give every memory BAR an address, naturally aligned: 32-bit BARs
+        from window[0] on (below 4 GiB), 64-bit BARs from window[1] on
+        (above 4 GiB, as a firmware's 64-bit window: a 256 MiB shared memory
+        BAR does not fit below the x86 I/O APIC).  The windows advance past
+        what was given.  Enables the device as bus master.  Returns
+        {bar index: address}."""
         bars: dict[int, int] = {}
         i = 0
         while i < 6:
@@ -71,9 +76,16 @@ class PciDevice:
                 self.cfg_write(off, 4, orig)
                 i += 1
                 continue
-            size = (~(probe & ~0xF) & 0xFFFFFFFF) + 1
-            addr = (window[0] + size - 1) & ~(size - 1)
-            window[0] = addr + size
+            mask = probe & ~0xF
+            if is64:
+                self.cfg_write(off + 4, 4, 0xFFFFFFFF)
+                mask |= self.cfg_read(off + 4, 4) << 32
+                size = (~mask & 0xFFFFFFFFFFFFFFFF) + 1
+            else:
+                size = (~mask & 0xFFFFFFFF) + 1
+            w = 1 if is64 and len(window) > 1 else 0
+            addr = (window[w] + size - 1) & ~(size - 1)
+            window[w] = addr + size
             self.cfg_write(off, 4, addr & 0xFFFFFFFF)
             if is64:
                 self.cfg_write(off + 4, 4, addr >> 32)
@@ -102,6 +114,7 @@ class PciTransport:
         self.qt, self.mem, self.pci = qt, mem, dev
         bars = dev.map_bars(bar_window)
         self.regions: dict[int, int] = {}
+        self.shm: dict[int, tuple[int, int]] = {}
         for cap in dev.capabilities():
             cap_id = dev.cfg_read(cap, 1)
             if cap_id == CAP_VENDOR:
@@ -113,6 +126,11 @@ class PciTransport:
                     self.regions[cfg_type] = bars[bar] + offset
                 if cfg_type == NOTIFY_CFG:
                     self.notify_mult = dev.cfg_read(cap + 16, 4)
+                if cfg_type == SHARED_MEMORY_CFG:
+                    shm_id = dev.cfg_read(cap + 5, 1)
+                    offset |= dev.cfg_read(cap + 16, 4) << 32
+                    length = dev.cfg_read(cap + 12, 4) | dev.cfg_read(cap + 20, 4) << 32
+                    self.shm[shm_id] = (bars[bar] + offset, length)
             elif cap_id == CAP_MSIX:
                 self._setup_msix(cap, bars, msix_area)
         self.common = self.regions[COMMON_CFG]
@@ -140,6 +158,10 @@ class PciTransport:
     @property
     def device_id(self) -> int:
         return self.pci.device_id - 0x1040
+
+    def shm_regions(self) -> dict[int, tuple[int, int]]:
+        """Shared memory regions: {id: (guest-physical address, length)}."""
+        return dict(self.shm)
 
     def get_status(self) -> int:
         return self.qt.read(self.common + STATUS, 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import socket
 
 
@@ -82,3 +83,10 @@ class QTest:
     def read(self, addr: int, size: int) -> int:
         op = {1: "readb", 2: "readw", 4: "readl", 8: "readq"}[size]
         return int(self.cmd(f"{op} 0x{addr:x}"), 16)
+
+    # Any guest-physical memory (device memory too), in one round trip
+    def memread(self, addr: int, size: int) -> bytes:
+        return base64.b64decode(self.cmd(f"b64read 0x{addr:x} 0x{size:x}"))
+
+    def memwrite(self, addr: int, data: bytes) -> None:
+        self.cmd(f"b64write 0x{addr:x} 0x{len(data):x} {base64.b64encode(data).decode()}")

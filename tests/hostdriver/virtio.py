@@ -34,6 +34,7 @@ class Transport(Protocol):
     def config_write(self, offset: int, size: int, v: int) -> None: ...
     def take_interrupt(self, index: int | None) -> bool: ...
     def wait_interrupt(self, index: int | None, timeout: float = 5.0) -> bool: ...
+    def shm_regions(self) -> dict[int, tuple[int, int]]: ...
 
 
 @dataclass
@@ -213,6 +214,13 @@ class VirtioDevice:
     @property
     def device_id(self) -> int:
         return self.transport.device_id
+
+    @property
+    def shm_regions(self) -> dict[int, tuple[int, int]]:
+        """The device's shared memory regions, {id: (guest-physical address,
+        length)}: read and write them with ``machine.qtest.memread`` and
+        ``memwrite`` (they are device memory, not the shared guest RAM)."""
+        return self.transport.shm_regions()
 
     def initialize(self, want_features: int = 0, queue_size: int | None = None) -> None:
         """Reset, negotiate VERSION_1 plus ``want_features``, set up every
