@@ -786,6 +786,7 @@ static PyObject *handle_discard_shared_memory(PyObject *self, PyObject *args,
     VirtIOPyemb *s = handle_device(self);
     long long offset, length;
     PyembShm *shm;
+    PyThreadState *ts;
     int ret, err;
 
     if (!s || !PyArg_ParseTupleAndKeywords(args, kwargs,
@@ -810,10 +811,10 @@ static PyObject *handle_discard_shared_memory(PyObject *self, PyObject *args,
         Py_RETURN_NONE;
     }
     pyemb_shm_ref(shm);         /* the device may go while the GIL is free */
-    Py_BEGIN_ALLOW_THREADS
+    ts = PyEval_SaveThread();
     ret = pyemb_shm_discard(shm, offset, length);
     err = errno;
-    Py_END_ALLOW_THREADS
+    PyEval_RestoreThread(ts);
     pyemb_shm_unref(shm);
     if (ret < 0) {
         errno = err;
