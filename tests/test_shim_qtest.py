@@ -238,12 +238,20 @@ def test_device_help_lists_devices_and_properties():
     qemu = str(QEMU_DIR / "qemu-system-x86_64")
     listing = subprocess.run([qemu, "-device", "help"], capture_output=True, text=True,
                              check=True).stdout
-    for name in ("virtio-snd-py", "virtio-snd-py-pci", "virtio-video-py", "virtio-video-py-pci"):
-        assert f'name "{name}"' in listing
+    for kind in ("snd", "video", "media"):
+        for name in (f"virtio-{kind}-py", f"virtio-{kind}-py-pci"):
+            assert f'name "{name}"' in listing
     props = subprocess.run([qemu, "-device", "virtio-video-py-pci,help"], capture_output=True,
                            text=True, check=True).stdout
     for prop in ("backend=<str>", "config=<str>", "role=<str>"):
         assert prop in props
+    assert "shm-size" not in props
+    props = subprocess.run([qemu, "-device", "virtio-media-py-pci,help"], capture_output=True,
+                           text=True, check=True).stdout
+    for prop in ("backend=<str>", "config=<str>", "role=<str>"):
+        assert prop in props
+    shm = [line for line in props.splitlines() if "shm-size=<size>" in line]
+    assert len(shm) == 1 and "(default: 268435456)" in shm[0]       # 256 MiB
 
 
 def test_qemu_exits_cleanly_with_requests_held_and_a_thread_running(probe):
