@@ -109,6 +109,8 @@ struct VirtIOPyemb {
     PyObject *shm_region;       /* its exporter */
     QTAILQ_HEAD(, PyembRequest) live_requests;
     QTAILQ_HEAD(, PyembMapping) mappings;
+    /* Released mappings whose views are still exported (pyemb-module.c) */
+    QTAILQ_HEAD(, PyembRegion) deferred_unmaps;
     bool warned_kept_views;
     bool dropping;              /* in model.reset()/close(): drops are fine */
     /*
@@ -156,6 +158,7 @@ typedef struct PyembOrphan {
 unsigned pyemb_cancel_requests(VirtIOPyemb *s);
 void pyemb_cancel_request(PyembRequest *req);
 void pyemb_release_mappings(VirtIOPyemb *s);
+void pyemb_release_deferred_unmaps(VirtIOPyemb *s);
 void pyemb_unmap_guest(VirtIOPyemb *s, void *ptr, hwaddr len, bool writable);
 void pyemb_queue_unmap(VirtIOPyemb *s, void *ptr, hwaddr len, bool writable);
 void pyemb_revoke_shm_view(VirtIOPyemb *s);

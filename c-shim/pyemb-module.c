@@ -35,7 +35,7 @@
  * numpy arrays) after completion can be reported, and refuses new exports
  * once invalidated.
  */
-typedef struct {
+typedef struct PyembRegion {
     PyObject_HEAD
     void *ptr;
     Py_ssize_t len;
@@ -43,7 +43,19 @@ typedef struct {
     bool valid;
     Py_ssize_t exports;
     PyembShm *shm;              /* a reference to the memory, or NULL */
+    /*
+     * A guest mapping released while something derived from its view was
+     * still exported (a stream worker's conversion reading or writing
+     * through it as a reset released every mapping): unmapped when the
+     * last export goes, so the memory stays mapped while it is used.
+     * unmap_dev is NULL unless such an unmap waits (on its list).
+     */
+    VirtIOPyemb *unmap_dev;
+    bool unmap_writable;
+    QTAILQ_ENTRY(PyembRegion) deferred_next;
 } GuestRegion;
+
+static void guest_region_unmap(GuestRegion *r);
 
 static int guest_region_getbuffer(PyObject *obj, Py_buffer *view, int flags)
 {
@@ -65,7 +77,11 @@ static int guest_region_getbuffer(PyObject *obj, Py_buffer *view, int flags)
 
 static void guest_region_releasebuffer(PyObject *obj, Py_buffer *view)
 {
-    ((GuestRegion *)obj)->exports--;
+    GuestRegion *r = (GuestRegion *)obj;
+
+    if (--r->exports == 0 && r->unmap_dev) {
+        guest_region_unmap(r);
+    }
 }
 
 static void guest_region_dealloc(PyObject *obj)
@@ -109,6 +125,7 @@ static PyObject *guest_view_new(void *ptr, size_t len, bool readonly,
     r->valid = true;
     r->exports = 0;
     r->shm = NULL;
+    r->unmap_dev = NULL;
     view = PyMemoryView_FromObject((PyObject *)r);
     if (!view) {
         Py_DECREF(r);
@@ -473,31 +490,67 @@ struct PyembMapping {
 
 static PyTypeObject GuestMappingType;
 
+static void unmap_guest_any_thread(VirtIOPyemb *s, void *ptr, hwaddr len,
+                                   bool writable)
+{
+    if (bql_locked()) {
+        pyemb_unmap_guest(s, ptr, len, writable);
+    } else {
+        /* A model's thread (a stream worker done with a buffer). */
+        pyemb_queue_unmap(s, ptr, len, writable);
+    }
+}
+
+/* The last export of a released mapping's view went: unmap it now. */
+static void guest_region_unmap(GuestRegion *r)
+{
+    VirtIOPyemb *s = r->unmap_dev;
+
+    QTAILQ_REMOVE(&s->deferred_unmaps, r, deferred_next);
+    r->unmap_dev = NULL;
+    trace_pyemb_unmap_guest_deferred(r->len);
+    unmap_guest_any_thread(s, r->ptr, r->len, r->unmap_writable);
+}
+
 static void mapping_release(PyembMapping *m)
 {
     VirtIOPyemb *s = m->dev;
+    GuestRegion *r = (GuestRegion *)m->region;
 
     if (!s) {
         return;
     }
-    if (guest_view_invalidate(m->view, m->region)) {
-        warn_kept_views(s, "releasing a guest mapping");
-    }
-    trace_pyemb_unmap_guest(m->addr, m->len);
-    if (bql_locked()) {
-        pyemb_unmap_guest(s, m->ptr, m->len, m->writable);
-    } else {
-        /* A model's thread (a stream worker done with a buffer). */
-        pyemb_queue_unmap(s, m->ptr, m->len, m->writable);
-    }
     QTAILQ_REMOVE(&s->mappings, m, next);
     m->dev = NULL;
+    trace_pyemb_unmap_guest(m->addr, m->len);
+    if (guest_view_invalidate(m->view, m->region)) {
+        /* Still read or written through: unmapped when that ends. */
+        r->unmap_dev = s;
+        r->unmap_writable = m->writable;
+        QTAILQ_INSERT_TAIL(&s->deferred_unmaps, r, deferred_next);
+        return;
+    }
+    unmap_guest_any_thread(s, m->ptr, m->len, m->writable);
 }
 
 void pyemb_release_mappings(VirtIOPyemb *s)
 {
     while (!QTAILQ_EMPTY(&s->mappings)) {
         mapping_release(QTAILQ_FIRST(&s->mappings));
+    }
+}
+
+/*
+ * Unplug: the device goes, so the unmaps still waiting for their views'
+ * exports happen now, and those views are stale (reported once).
+ */
+void pyemb_release_deferred_unmaps(VirtIOPyemb *s)
+{
+    if (!QTAILQ_EMPTY(&s->deferred_unmaps)) {
+        warn_kept_views(s, "releasing a guest mapping");
+    }
+    while (!QTAILQ_EMPTY(&s->deferred_unmaps)) {
+        guest_region_unmap(QTAILQ_FIRST(&s->deferred_unmaps));
     }
 }
 

@@ -679,6 +679,7 @@ static void pyemb_realize(DeviceState *dev, Error **errp)
     QTAILQ_INIT(&s->live_requests);
     s->orphans = g_array_new(false, false, sizeof(PyembOrphan));
     QTAILQ_INIT(&s->mappings);
+    QTAILQ_INIT(&s->deferred_unmaps);
     gil = pyemb_gil_acquire();
     ok = pyemb_create_model(s, &queue_sizes, errp);
     if (!ok) {
@@ -719,6 +720,7 @@ static void pyemb_unrealize(DeviceState *dev)
         s->dropping = true;
         Py_XDECREF(pyemb_call(s, "close", "()"));
         pyemb_drop_guest_state(s);
+        pyemb_release_deferred_unmaps(s);
         pyemb_drop_model(s);
         pyemb_gil_release(gil);
     }

@@ -26,6 +26,7 @@ class ProbeDevice(DeviceModel):
 
     def __init__(self, handle, config, **kwargs) -> None:
         self.kept: list[memoryview] = []
+        self.slices: list[memoryview] = []
         self.held: list[Request] = []
         self.resets = 0
         self.orphan_on_reset = False
@@ -117,6 +118,18 @@ class ProbeDevice(DeviceModel):
             thread.start()
             thread.join()
             self.reply(request, "released")
+        elif op == "map-keep-slice":
+            # A view derived from a mapping's (a conversion reading or
+            # writing through it) outlives the mapping's release.
+            mapping = self.handle.map_guest(int(args[0], 0), 4096, writable=True)
+            self.slices.append(mapping.view[0:16])
+            mapping.release()
+            self.reply(request, "released")
+        elif op == "write-slices":
+            for piece in self.slices:
+                piece[:4] = b"LATE"
+            self.slices.clear()
+            self.reply(request, "written")
         elif op == "orphan-on-reset":
             self.orphan_on_reset = True
             self.reply(request, "armed")
