@@ -181,3 +181,62 @@ def test_bad_config_stops_qemu_with_one_line(tmp_path):
     with pytest.raises(QemuExited) as e:
         camera(",role=printer")
     assert "role must be camera or decoder" in e.value.stderr
+
+
+def test_every_ioctl_the_driver_sends_a_camera_through_qemu(cam):
+    """Each ioctl the virtio-media driver forwards, once, through the real
+    transport: those a camera has answer as V4L2 says, the rest ENOTTY."""
+    c = cam.client
+    s = c.open()
+    assert c.ioctl(s, "enum_fmt", v4l2.Fmtdesc(index=1, type=CAP))[0].pixelformat == NV12
+    f = c.ioctl(s, "try_fmt", c.ioctl(s, "g_fmt", v4l2.Format(type=CAP))[0])[0]
+    assert f.fmt.pix.bytesperline == 1280
+    assert c.s_fmt(s, "NV12", 1280, 720).fmt.pix.sizeimage == 1280 * 720 * 3 // 2
+    fs = c.ioctl(s, "enum_framesizes", v4l2.Frmsizeenum(index=3, pixel_format=NV12))[0]
+    assert (fs.u.discrete.width, fs.u.discrete.height) == (1920, 1080)
+    fi = c.ioctl(s, "enum_frameintervals",
+                 v4l2.Frmivalenum(index=3, pixel_format=NV12, width=1280, height=720))[0]
+    assert fi.u.discrete.denominator == 60
+    parm = v4l2.StreamParm(type=CAP)
+    parm.parm.capture.timeperframe.numerator, parm.parm.capture.timeperframe.denominator = 1, 25
+    c.ioctl(s, "s_parm", parm)
+    assert c.ioctl(s, "g_parm", v4l2.StreamParm(type=CAP))[0] \
+        .parm.capture.timeperframe.denominator == 25
+    assert bytes(c.ioctl(s, "enuminput", v4l2.Input(index=0))[0].name).startswith(b"Camera 0")
+    assert c.ioctl(s, "g_input")[0].value == 0
+    c.ioctl(s, "s_input", v4l2.Int(value=0))
+    assert c.status(s, "s_input", v4l2.Int(value=1)) == errno.EINVAL
+    q = c.ioctl(s, "queryctrl", v4l2.Queryctrl(id=v4l2.CID_CONTRAST))[0]
+    assert (q.minimum, q.maximum, q.default_value) == (0, 255, 128)
+    qe = c.ioctl(s, "query_ext_ctrl", v4l2.QueryExtCtrl(id=v4l2.CID_TEST_PATTERN))[0]
+    assert (qe.type, qe.maximum) == (v4l2.CTRL_TYPE_MENU, 2)
+    assert bytes(c.ioctl(s, "querymenu", v4l2.Querymenu(id=v4l2.CID_TEST_PATTERN, index=2))[0]
+                 .u.name).startswith(b"Moving Gradient")
+    other = c.open()
+    sub = v4l2.EventSubscription(type=v4l2.EVENT_CTRL, id=v4l2.CID_SATURATION)
+    c.ioctl(other, "subscribe_event", sub)
+    assert c.ioctl(s, "s_ctrl", v4l2.Control(id=v4l2.CID_SATURATION, value=64))[0].value == 64
+    (event,) = cam.events(1)
+    assert (event.kind, event.session, event.v4l2_event.id) == (p.Evt.EVENT, other,
+                                                                 v4l2.CID_SATURATION)
+    c.ioctl(other, "unsubscribe_event", sub)
+    assert c.ioctl(s, "g_ctrl", v4l2.Control(id=v4l2.CID_SATURATION))[0].value == 64
+    ctrl = v4l2.ExtControl(id=v4l2.CID_BRIGHTNESS)
+    ctrl.u.value = -20
+    for name in ("try_ext_ctrls", "s_ext_ctrls"):
+        c.ioctl(s, name, v4l2.ExtControls(count=1), bytes(ctrl))
+    _, rest = c.ioctl(s, "g_ext_ctrls", v4l2.ExtControls(count=1), bytes(ctrl))
+    assert v4l2.ExtControl.parse(rest).u.value == -20
+    cb = v4l2.CreateBuffers(count=2, memory=v4l2.MEMORY_MMAP)
+    cb.format = c.ioctl(s, "g_fmt", v4l2.Format(type=CAP))[0]
+    assert c.ioctl(s, "create_bufs", cb)[0].count == 2
+    b, _ = c.buffer(1)
+    assert c.ioctl(s, "prepare_buf", b)[0].flags & v4l2.BUF_FLAG_PREPARED
+    c.qbuf(s, 1)
+    c.stream(s, True)
+    (done,) = cam.events(1)
+    assert done.kind == p.Evt.DQBUF and done.buffer.index == 1
+    c.stream(s, False)
+    for name in ("g_std", "querystd", "g_output", "decoder_cmd", "g_selection"):
+        assert c.status(s, name) == errno.ENOTTY, name
+    assert c.status(s, "s_std", v4l2.StdId(value=1)) == errno.ENOTTY
