@@ -80,6 +80,7 @@ class Camera:
         self.lock = threading.RLock()
         self.queue = BufferQueue(CAPTURE, device.handle, device.shm)
         self.pacer: Pacer | None = None
+        self._start_failed = False
 
     # -- sessions -----------------------------------------------------------------
     def open_session(self, session_id: int) -> CameraSession:
@@ -107,7 +108,15 @@ class Camera:
 
     # -- streaming --------------------------------------------------------------------
     def start(self, owner: Session) -> None:
-        self.source.start(self.fmt, self.fps)
+        try:
+            self.source.start(self.fmt, self.fps)
+        except Exception as e:  # noqa: BLE001 - a host fault (no camera): EIO, said once
+            if not self._start_failed:
+                self._start_failed = True
+                log.warning(f"{self.device.handle.name}: camera source "
+                            f"{type(self.source).__name__} cannot start: "
+                            f"{type(e).__name__}: {e}")
+            raise V4L2Error(errno.EIO, "camera source cannot start") from None
         self.pacer = Pacer(self, owner)
         self.pacer.start()
 
@@ -390,7 +399,11 @@ class CameraSession(Session):
             if queue.streaming:
                 return
             queue.streamon()
-            cam.start(self)
+            try:
+                cam.start(self)
+            except V4L2Error:
+                queue.streaming = False
+                raise
 
     def ioctl_streamoff(self, t: v4l2.Int, extra: bytes) -> None:
         self._check_type(t.value)
