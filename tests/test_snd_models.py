@@ -4,6 +4,7 @@ events, backends.  The WAV and null backends are real; no QEMU."""
 from __future__ import annotations
 
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from pyemb.snd import protocol as p
 from pyemb.snd.controls import VOLUME_MAX, volume_gain
 from pyemb.snd.device import SoundDevice
 from pyemb.snd.pcm import SAMPLE_FORMATS, scale
+from pyemb.snd.stream import HOOK_TIMEOUT_S
 from pyemb.snd_backend import BackendError, SndBackend, read_wav
 from tests.fakes import FakeHandle, FakeRequest
 
@@ -524,6 +526,61 @@ def test_backend_failure_becomes_io_err_and_xrun_event(tmp_path):
     statuses = [p.PCM_STATUS.unpack(r.reply)[0] for r in reqs]
     assert statuses == [p.Status.OK] * 2 + [p.Status.IO_ERR] * 3
     assert ev.done and p.EVENT.unpack(ev.reply) == (p.Event.PCM_XRUN, 0)
+    c.model.close()
+
+
+class HangingBackend(SndBackend):
+    """open() never returns (a wedged audio server)."""
+
+    def open(self, params):
+        threading.Event().wait()
+
+
+class RaisingBackend(SndBackend):
+    """Every hook raises something that is not a BackendError (a backend's bug)."""
+
+    def _boom(self, *args):
+        raise RuntimeError("backend bug")
+
+    open = start = stop = close = write = read = _boom
+
+
+def test_a_backend_hook_that_never_returns_costs_io_err_not_the_main_loop(tmp_path, caplog):
+    """Issue 15 item 4: the backend's open ran on QEMU's main loop, so a hook
+    that never returned stalled it for good.  Now PREPARE answers IO_ERR
+    within HOOK_TIMEOUT_S, the hung backend is not called again (one stuck
+    thread at most), it is said once, and the other stream goes on."""
+    c = Card(tmp_path, streams=[
+        {"direction": "output", "formats": ["S16"], "rates": [RATE],
+         "backend": "tests.test_snd_models:HangingBackend"},
+        {"direction": "output", "formats": ["S16"], "rates": [RATE],
+         "backend": {"name": "wav", "path": str(tmp_path / "ok.wav")}}])
+    assert c.set_params() == p.Status.OK
+    threads = threading.active_count()
+    t0 = time.monotonic()
+    assert c.op(p.Code.PCM_PREPARE) == p.Status.IO_ERR
+    assert time.monotonic() - t0 < HOOK_TIMEOUT_S + 0.3
+    t1 = time.monotonic()
+    for _ in range(5):
+        assert c.op(p.Code.PCM_PREPARE) == p.Status.IO_ERR
+    assert time.monotonic() - t1 < 0.1                      # not waited for again
+    assert threading.active_count() <= threads + 1
+    assert sum("did not return" in r.message for r in caplog.records) == 1
+    assert c.set_params(sid=1) == p.Status.OK
+    assert c.op(p.Code.PCM_PREPARE, sid=1) == p.Status.OK
+    c.model.close()
+
+
+def test_a_backend_raising_in_every_hook_gets_io_err_and_one_line(tmp_path, caplog):
+    c = Card(tmp_path, streams=[{"direction": "output", "formats": ["S16"], "rates": [RATE],
+                                 "backend": "tests.test_snd_models:RaisingBackend"}])
+    for _ in range(3):
+        assert c.set_params() == p.Status.OK
+        assert c.op(p.Code.PCM_PREPARE) == p.Status.IO_ERR
+    assert c.op(p.Code.PCM_START) == p.Status.BAD_MSG
+    warnings = [r.message for r in caplog.records]
+    assert len(warnings) == 1 and "RuntimeError: backend bug" in warnings[0], warnings
+    assert not any("Traceback" in w for w in warnings)
     c.model.close()
 
 

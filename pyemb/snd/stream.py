@@ -41,6 +41,14 @@ from pyemb.threadname import set_native_name
 
 # Largest buffer a guest may ask for; more is a malformed request.
 MAX_BUFFER_BYTES = 16 << 20
+# How long a backend's open or close may take on QEMU's main loop; the Linux
+# driver gives up on a control request after 1 s (virtio_snd msg_timeout_ms).
+HOOK_TIMEOUT_S = 0.5
+
+
+def describe(error: BaseException) -> str:
+    """A backend fault in one line: a BackendError's own words, else its type."""
+    return str(error) if isinstance(error, BackendError) else f"{type(error).__name__}: {error}"
 
 
 class State(Enum):
@@ -132,6 +140,8 @@ class PcmStream:
         self._backend_open = False
         self._backend_running = False
         self._failed = False
+        self._hung = False              # a hook never returned: the backend is not called again
+        self._warned = False            # a host fault was said (once per stream)
         # stream clock: frames handed over since ``_anchor`` (a monotonic time)
         self._anchor = 0.0
         self._frames = 0
@@ -188,11 +198,11 @@ class PcmStream:
         assert self.params is not None
         if not self._backend_open:
             try:
-                self.backend.open(self.params)
+                self._bounded(self.backend.open, self.params)
             except ValueError as e:
                 raise ProtocolError(p.Status.NOT_SUPP, f"stream {self.id}: {e}") from None
             except BackendError as e:
-                log.warning(f"{self.name}: stream {self.id}: {e}")
+                self._warn_once(str(e))
                 raise ProtocolError(p.Status.IO_ERR, str(e)) from None
             self._backend_open = True
         self._failed = False
@@ -272,9 +282,45 @@ class PcmStream:
             self._backend_open = False
             self._backend_running = False
             try:
-                self.backend.close()
-            except Exception as e:  # noqa: BLE001 - closing must not fail a request
-                log.warning(f"{self.name}: stream {self.id}: closing backend: {e}")
+                self._bounded(self.backend.close)
+            except (BackendError, ValueError) as e:     # closing must not fail a request
+                self._warn_once(f"closing backend: {e}")
+
+    def _bounded(self, hook: Callable[..., None], *args: object) -> None:
+        """Run a backend hook called on QEMU's main loop (open, close) in a
+        helper thread, waiting at most HOOK_TIMEOUT_S: a hook that never
+        returns costs the guest an IO_ERR, not the main loop.  Such a backend
+        is not called again (one stuck thread per stream at most).  Any
+        exception but ValueError (a setting it cannot take) is a BackendError."""
+        if self._hung:
+            raise BackendError(f"{type(self.backend).__name__} hangs")
+        outcome: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                hook(*args)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                outcome.append(e)
+
+        thread = threading.Thread(target=run, daemon=True, name=f"{self.name}-hook{self.id}")
+        thread.start()
+        thread.join(HOOK_TIMEOUT_S)
+        if thread.is_alive():
+            self._hung = True
+            raise BackendError(f"{type(self.backend).__name__}.{hook.__name__}() did not "
+                               f"return within {HOOK_TIMEOUT_S} s")
+        if outcome:
+            error = outcome[0]
+            if isinstance(error, (BackendError, ValueError)):
+                raise error
+            raise BackendError(f"{type(self.backend).__name__}.{hook.__name__}() raised "
+                               f"{type(error).__name__}: {error}")
+
+    def _warn_once(self, why: str) -> None:
+        """A host fault, said once per stream: a guest retrying cannot flood the log."""
+        if not self._warned:
+            self._warned = True
+            log.warning(f"{self.name}: stream {self.id}: {why}")
 
     def _own_clock(self) -> bool:
         return not self.backend.clocked or self._failed
@@ -424,8 +470,8 @@ class PcmStream:
             return p.Status.IO_ERR
         try:
             fn(data)  # type: ignore[arg-type]
-        except BackendError as e:
-            self._fail(str(e))
+        except Exception as e:  # noqa: BLE001 - any backend fault is the host path breaking
+            self._fail(describe(e))
             return p.Status.IO_ERR
         return p.Status.OK
 
@@ -434,12 +480,12 @@ class PcmStream:
             return
         try:
             fn()
-        except BackendError as e:
-            self._fail(str(e))
+        except Exception as e:  # noqa: BLE001
+            self._fail(describe(e))
 
     def _fail(self, why: str) -> None:
         """The host path broke: warn once, tell the guest, pace by our own clock."""
-        log.warning(f"{self.name}: stream {self.id}: {why}")
+        self._warn_once(why)
         self._failed = True
         with self._cond:
             self._anchor = time.monotonic() - self._frames / self._rate()
