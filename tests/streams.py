@@ -65,8 +65,11 @@ def picture(width: int, height: int, index: int, noise: int = 0) -> av.VideoFram
 
 @cache
 def encode(codec: str, width: int, height: int, frames: int, bframes: int = 2,
-           start: int = 0, noise: int = 0) -> tuple[tuple[bytes, int], ...]:
-    """Encoded packets in decode order, each with its display index (pts)."""
+           start: int = 0, noise: int = 0,
+           repeat_headers: bool = False) -> tuple[tuple[bytes, int], ...]:
+    """Encoded packets in decode order, each with its display index (pts).
+    ``repeat_headers`` (H.264): SPS and PPS before every keyframe, so that a
+    decoder reset can resume at any of them (a seek)."""
     _, encoder, _, _ = CODECS[codec]
     ctx = av.CodecContext.create(encoder, "w")
     ctx.width, ctx.height, ctx.pix_fmt = width, height, "yuv420p"
@@ -75,7 +78,9 @@ def encode(codec: str, width: int, height: int, frames: int, bframes: int = 2,
     ctx.gop_size = 12
     if codec in ("h264", "mpeg2", "mpeg4"):
         ctx.max_b_frames = bframes
-    ctx.options = ENCODER_OPTIONS.get(encoder, {})
+    ctx.options = dict(ENCODER_OPTIONS.get(encoder, {}))
+    if repeat_headers:
+        ctx.options["x264-params"] = "repeat-headers=1"
     packets = []
     for i in range(frames):
         frame = picture(width, height, start + i, noise)

@@ -20,54 +20,10 @@ from pyemb.media import v4l2
 from pyemb.media.device import MediaDevice
 from pyemb.media.formats import NV12, YU12, YUYV, ImageFormat
 from tests.fakes import FakeHandle
-from tests.media_client import IoctlFailed, MediaClient, parse_event
+from tests.media_client import IoctlFailed
+from tests.media_rig import Rig
 
 CAP = v4l2.BUF_TYPE_VIDEO_CAPTURE
-
-
-class Rig:
-    """A camera device, its event buffers and a client."""
-
-    def __init__(self, config: dict | None = None, shm: int = 64 << 20) -> None:
-        self.handle = FakeHandle(ram_size=16 << 20)
-        self.handle.shared_memory = memoryview(bytearray(shm)) if shm else None
-        self.discarded: list[tuple[int, int]] = []
-        self.handle.discard_shared_memory = lambda o, n: self.discarded.append((o, n))
-        self.dev = MediaDevice(self.handle, config or {}, role="camera")
-        self.event_buffers = []
-        for _ in range(16):
-            self.post_event_buffer()
-        self.client = MediaClient(self.send)
-
-    def send(self, readable: list[bytes], sizes: list[int]) -> bytes:
-        request = self.handle.request(readable, sizes, p.COMMAND_QUEUE)
-        self.handle.call(self.dev, p.COMMAND_QUEUE, request)
-        assert request.done
-        return request.reply
-
-    def post_event_buffer(self) -> None:
-        request = self.handle.request([], [p.EVENT_SIZE], p.EVENT_QUEUE)
-        self.event_buffers.append(request)
-        self.handle.call(self.dev, p.EVENT_QUEUE, request)
-
-    def events(self, count: int, timeout: float = 5.0) -> list:
-        """The first ``count`` events (re-posting used buffers)."""
-        deadline = time.monotonic() + timeout
-        got = []
-        while len(got) < count and time.monotonic() < deadline:
-            for request in [r for r in self.event_buffers if r.done]:
-                self.event_buffers.remove(request)
-                got.append(parse_event(request.reply))
-                self.post_event_buffer()
-            time.sleep(0.005)
-        return got
-
-    def image(self, event) -> bytes:
-        b = event.buffer
-        return bytes(self.handle.shared_memory[b.m.offset:b.m.offset + b.bytesused])
-
-    def close(self) -> None:
-        self.dev.close()
 
 
 @pytest.fixture
@@ -247,12 +203,8 @@ def test_buffers_belong_to_one_session_and_format_is_busy_while_allocated(rig):
 def test_formats_sizes_intervals_and_parm(rig):
     c = rig.client
     s = c.open()
-    formats = []
-    for i in range(10):
-        d = v4l2.Fmtdesc(index=i, type=CAP)
-        if c.status(s, "enum_fmt", d):
-            break
-        formats.append(c.ioctl(s, "enum_fmt", d)[0].pixelformat)
+    formats = [d.pixelformat for d in
+               rig.enumerate(s, "enum_fmt", lambda i: v4l2.Fmtdesc(index=i, type=CAP))]
     assert formats == [YUYV, NV12, YU12]
     sizes = []
     for i in range(10):
@@ -506,3 +458,17 @@ def test_class_controls_are_write_only_and_send_no_initial_event(rig):
     c.ioctl(s, "subscribe_event", sub)
     (event,) = rig.events(1)
     assert event.v4l2_event.id == v4l2.CID_SATURATION
+
+
+def test_a_host_camera_that_is_not_there_fails_streamon_with_eio_said_once(caplog):
+    rig = Rig({"camera": {"source": "v4l2", "device": "/dev/no-such-camera"}})
+    c = rig.client
+    s = c.open()
+    c.reqbufs(s, 2)
+    c.qbuf(s, 0)
+    for _ in range(2):
+        t = v4l2.Int(value=CAP)
+        assert c.status(s, "streamon", t) == errno.EIO
+    assert sum("cannot start" in r.message for r in caplog.records) == 1
+    assert c.ioctl(s, "g_fmt", v4l2.Format(type=CAP))[0].fmt.pix.width == 640
+    rig.close()

@@ -50,6 +50,7 @@ class MediaDevice(DeviceModel):
         self.events = EventQueue(p.EVENT_SIZE, EVENT_BACKLOG)
         self.sessions: dict[int, Session] = {}
         self._next_session = 1
+        self._answering: Session | None = None     # the session an IOCTL went to
         self.kind = self._make_kind(role, handle, config, backend_class)
         card = media.get("card", self.kind.card)
         if not isinstance(card, str):
@@ -95,6 +96,7 @@ class MediaDevice(DeviceModel):
     # -- commands -------------------------------------------------------------------
     def _command(self, request: Request) -> None:
         data = read_all(request)
+        self._answering = None
         reply = self._dispatch(data)
         if reply is None:                   # CLOSE: nothing to write
             request.complete(0)
@@ -102,6 +104,9 @@ class MediaDevice(DeviceModel):
         if request.writable_size < p.HEADER.size:   # a malformed chain: nothing to say
             request.complete(0)
             return
+        session = self._answering
+        if session is not None and session.answer_later(request, reply):
+            return                          # its thread answers, after what it completed
         request.complete(write_all(request, reply))
 
     def _dispatch(self, data: bytes) -> bytes | None:
@@ -149,7 +154,7 @@ class MediaDevice(DeviceModel):
         if len(data) < p.IOCTL.size:
             raise V4L2Error(errno.EINVAL, "short IOCTL")
         _, _, session_id, code = p.IOCTL.unpack_from(data)
-        session = self._session(session_id)
+        session = self._answering = self._session(session_id)
         io = p.IOCTLS.get(code)
         if io is None:
             raise V4L2Error(errno.ENOTTY, f"ioctl {code}")

@@ -20,6 +20,7 @@ from pyemb.media import v4l2
 from pyemb.media.protocol import V4L2Error
 
 if TYPE_CHECKING:
+    from pyemb.device import Request
     from pyemb.media.device import MediaDevice
 
 
@@ -47,6 +48,15 @@ class Session:
     def close(self) -> None:
         """CMD_CLOSE or device reset: give back everything the session holds."""
         self.closed = True
+
+    def answer_later(self, request: Request, reply: bytes) -> bool:
+        """After an ioctl, on QEMU's main loop: True if the session's own
+        thread sends ``reply`` (completes ``request``) itself, because it has
+        completed buffers or raised events that are not on the used ring yet
+        (its batch is pushed when it ends): an answer pushed now would
+        overtake them, and a DQBUF raised before a STREAMOFF would reach the
+        driver after it."""
+        return False
 
     # -- events -----------------------------------------------------------------
     def ioctl_subscribe_event(self, sub: v4l2.EventSubscription, extra: bytes) -> None:
