@@ -247,7 +247,8 @@ class Guest:
                         # Buffers set up from the size hint take the stream.
                         self.read_format()
                         cmd = v4l2.DecoderCmd(cmd=v4l2.DEC_CMD_START)
-                        self.rig.client.ioctl(self.session, "decoder_cmd", cmd)
+                        status = self.rig.client.status(self.session, "decoder_cmd", cmd)
+                        assert status in (0, errno.EBUSY)    # EBUSY: a drain goes on
                     else:
                         self.pending_change = True
             elif e.kind == p.Evt.DQBUF:
@@ -420,6 +421,8 @@ def test_drain_midway_then_start_resumes_and_drains_again(rig):
     assert [s.crc for s in first] == reference("h264", packets[:12])
     assert g.shots[-1].flags & v4l2.BUF_FLAG_LAST
     c = rig.client
+    # Drained and stopped: STOP again does nothing (no second LAST or EOS).
+    c.ioctl(g.session, "decoder_cmd", v4l2.DecoderCmd(cmd=v4l2.DEC_CMD_STOP))
     # Stopped: a queued OUTPUT buffer is accepted but not decoded.
     g.queue(packets[12], 12 * STEP_US)
     time.sleep(0.05)
@@ -468,6 +471,42 @@ def test_stop_while_draining_is_ebusy_and_streamoff_capture_ends_the_drain_not_t
     assert [e for e, _ in g.events].count(v4l2.EVENT_EOS) == 1
     assert sum(1 for s in g.shots if s.flags & v4l2.BUF_FLAG_LAST) == 1
     assert all(e.session != idle for e in rig.posted)
+
+
+def test_stop_right_after_the_last_qbuf_decodes_every_buffer_queued_before_it(rig):
+    packets = [d for d, _ in encode("h264", 128, 96, 12)]
+    g = Guest(rig, out_count=12, hint=(128, 96))
+    g.setup_capture()
+    for i, packet in enumerate(packets):
+        g.queue(packet, i * STEP_US)
+    rig.client.ioctl(g.session, "decoder_cmd", v4l2.DecoderCmd(cmd=v4l2.DEC_CMD_STOP))
+    g.wait(lambda: g.eos and g.last_seen, "LAST and EOS")
+    assert [s.crc for s in g.pictures()] == reference("h264", packets)
+    assert g.shots[-1].flags & v4l2.BUF_FLAG_LAST and len(g.out_done) == 12
+
+
+def test_pictures_waiting_for_buffers_are_bounded_and_a_seek_drops_them():
+    rig = scripted_rig()
+    g = Guest(rig, hint=(16, 16), out_count=8, hold_capture=True)
+    g.setup_capture()                       # streaming, but no CAPTURE buffer queued
+    for i in range(8):
+        g.queue(bytes([i]), i * STEP_US)
+    session = rig.dev.sessions[g.session]
+    g.wait(lambda: len(session.pictures) == dec.PICTURE_BACKLOG, "the backlog")
+    time.sleep(0.05)
+    g.step()
+    # The worker stopped decoding: the chunk of the last picture waits to be
+    # gone through, the other OUTPUT buffers to be taken.
+    assert len(session.pictures) == dec.PICTURE_BACKLOG
+    assert len(g.out_done) == dec.PICTURE_BACKLOG - 1
+    seek(g)
+    assert not session.pictures
+    g.hold_capture = False
+    for i in range(g.cap_count):
+        g.queue_capture(i)
+    shots = g.decode([b"\x60", b"\x70"], start_us=10 * STEP_US)
+    assert [s.timestamp_us for s in shots] == [10 * STEP_US, 11 * STEP_US]
+    rig.close()
 
 
 def output_events_since(rig: Rig, session: int, mark: int) -> list:
