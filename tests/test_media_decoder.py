@@ -942,6 +942,16 @@ def test_malformed_ioctls_get_errnos_and_the_session_keeps_working(rig):
     # Planes promised but missing.
     assert c.raw_ioctl(s, 15, bytes(v4l2.Buffer(type=OUT, length=2, memory=MMAP)),
                        88)[0] == errno.EINVAL
+    # A USERPTR OUTPUT buffer with more bitstream than the device copies out.
+    c.reqbufs(s, 0, OUT)
+    c.reqbufs(s, 1, OUT, USERPTR)
+    huge = dec.MAX_OUTPUT_SIZEIMAGE + 1
+    with pytest.raises(IoctlFailed) as e:
+        c.qbuf(s, 0, OUT, USERPTR, bytesused=huge, userptr=0x1000, length=huge,
+               sg=p.SG_ENTRY.pack(0x100000, huge, 0))
+    assert e.value.status == errno.EINVAL
+    c.reqbufs(s, 0, OUT)
+    c.reqbufs(s, 2, OUT)
     # A USERPTR CAPTURE buffer shorter than the format's sizeimage.
     c.reqbufs(s, 2, CAP, USERPTR)
     size = ImageFormat(NV12, 640, 480).sizeimage

@@ -68,8 +68,8 @@ Bounds, per session: 32 buffers a queue (:data:`MAX_BUFFERS`); MMAP buffers
 in region 0 (its size bounds them all); an OUTPUT buffer's ``sizeimage`` at
 most :data:`MAX_OUTPUT_SIZEIMAGE`.  Host memory a session takes beyond its
 region 0 buffers: one OUTPUT buffer's bitstream (copied while it is being
-decoded; 16 MiB at most for an MMAP buffer, the guest's USERPTR length
-otherwise, itself at most 64 MiB), at most :data:`PICTURE_BACKLOG` decoded
+decoded: QBUF refuses a ``bytesused`` past :data:`MAX_OUTPUT_SIZEIMAGE`,
+16 MiB, whatever the buffer's length), at most :data:`PICTURE_BACKLOG` decoded
 pictures waiting for CAPTURE buffers plus those one engine call returns
 (a packet's; the engine then stops taking bitstream), and what the engine
 holds itself (for FFmpeg: its reference pictures and one picture a
@@ -463,16 +463,24 @@ class DecoderSession(Session):
     def _min_size(self, queue: BufferQueue) -> int:
         return self.cap_alloc_size if queue is self.capture else 1
 
-    def ioctl_prepare_buf(self, b: v4l2.Buffer, extra: bytes) -> bytes:
+    def _checked(self, b: v4l2.Buffer, extra: bytes) -> tuple[BufferQueue, list[v4l2.Plane],
+                                                               bytes]:
+        """The queue, planes and USERPTR lists of a buffer being queued."""
         planes, sg = self._planes(b, extra)
         queue = self._queue(b.type)
+        if queue is self.output and planes and planes[0].bytesused > MAX_OUTPUT_SIZEIMAGE:
+            # What the worker copies out of a buffer: at most this.
+            raise V4L2Error(errno.EINVAL, f"more than {MAX_OUTPUT_SIZEIMAGE} bytes")
+        return queue, planes, sg
+
+    def ioctl_prepare_buf(self, b: v4l2.Buffer, extra: bytes) -> bytes:
+        queue, planes, sg = self._checked(b, extra)
         buf = queue.prepare(b, planes, sg, self._min_size(queue))
         queue.fill(buf, b, planes)
         return b"".join(map(bytes, planes))
 
     def ioctl_qbuf(self, b: v4l2.Buffer, extra: bytes) -> bytes:
-        planes, sg = self._planes(b, extra)
-        queue = self._queue(b.type)
+        queue, planes, sg = self._checked(b, extra)
         queue.qbuf(b, planes, sg, self._min_size(queue))
         self.cond.notify_all()
         return b"".join(map(bytes, planes))
