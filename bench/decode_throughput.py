@@ -238,7 +238,7 @@ def main() -> None:
     # are pages its kernel has already touched, the driver's fresh ones not.
     # The driver's allocator never frees: every stream takes fresh buffers.
     with Machine.x86(["-device", "virtio-video-py-pci"], mem_mb=max(1024, 400 * args.repeat),
-                     prealloc=True) as m:
+                     prealloc=True, count_interrupts=False) as m:
         dev = m.find_virtio(p.DECODER_DEVICE_ID)
         dev.initialize(want_features=0b11)
         client = VideoClient(m, dev)

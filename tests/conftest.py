@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +30,25 @@ def pytest_collection_modifyitems(config, items):
         raise pytest.UsageError(f"{qemu} is missing: run `make build` (or `make test`)")
 
 
+@pytest.fixture(autouse=True)
+def _sanitizer_reports() -> Iterator[None]:
+    """Under ``make sanitize`` (ci/sanitizers.py): fail the test during which
+    a QEMU wrote a sanitizer report (ASan, LeakSanitizer at exit, UBSan) to
+    PYEMB_SANITIZER_LOGS, whatever the test made of QEMU's exit or stderr."""
+    log_dir = os.environ.get("PYEMB_SANITIZER_LOGS")
+    if not log_dir:
+        yield
+        return
+    from ci.sanitizers import reports
+
+    before = set(os.listdir(log_dir))
+    yield
+    found = reports(log_dir, sorted(set(os.listdir(log_dir)) - before))
+    if found:
+        pytest.fail("sanitizer report(s) from QEMU:\n"
+                    + "\n".join(f"--- {name}\n{text}" for name, text in found), pytrace=False)
+
+
 def start(transport: str, device: str, props: str = "", **kw) -> Machine:
     """Start a machine with one pyemb (or QEMU) device on ``transport``."""
     arch, suffix = TRANSPORTS[transport]
@@ -42,13 +62,30 @@ def transport(request) -> str:
     return request.param
 
 
+# The virtqueue features a device fixture negotiates, as keyword arguments of
+# VirtioDevice.initialize(): none by default; a test marked
+# @with_and_without_ring_features runs once without and once with both
+# VIRTIO_RING_F_EVENT_IDX and VIRTIO_RING_F_INDIRECT_DESC (what Linux asks for).
+RING_FEATURES = {
+    "plain-ring": {"event_idx": False, "indirect": False},
+    "event-idx+indirect": {"event_idx": True, "indirect": True},
+}
+with_and_without_ring_features = pytest.mark.parametrize(
+    "ring", sorted(RING_FEATURES), indirect=True)
+
+
 @pytest.fixture
-def probe(transport) -> Iterator[tuple[Machine, VirtioDevice]]:
+def ring(request) -> dict[str, bool]:
+    return RING_FEATURES[getattr(request, "param", "plain-ring")]
+
+
+@pytest.fixture
+def probe(transport, ring) -> Iterator[tuple[Machine, VirtioDevice]]:
     """A running machine with the probe model (tests/models.py) initialized."""
     m = start(transport, "virtio-snd-py", "backend=tests.models:ProbeDevice")
     try:
         dev = m.find_virtio(25)
-        dev.initialize()
+        dev.initialize(**ring)
         yield m, dev
     finally:
         m.stop()
@@ -58,3 +95,13 @@ def command(dev: VirtioDevice, text: str, reply_size: int = 256) -> str:
     """One probe command on queue 0; returns the reply text."""
     used = dev.queues[0].call([text.encode()], [reply_size])
     return used.data.decode()
+
+
+def settled(dev: VirtioDevice, queue: int | None, count: int) -> bool:
+    """The interrupt count of ``queue`` reaches ``count`` and stays there a
+    while (a second message would follow within microseconds): "exactly
+    one more interrupt since X" is ``settled(dev, q, x + 1)``."""
+    if not dev.wait_interrupts(queue, count):
+        return False
+    time.sleep(0.05)
+    return dev.interrupts(queue) == count

@@ -59,6 +59,14 @@ class ProbeDevice(DeviceModel):
         op, args = words[0], words[1:]
         if op == "echo":
             self.reply(request, " ".join(args))
+        elif op == "block":
+            # Keep QEMU's main loop (this handler) busy: the driver's
+            # kicks and chains queue up meanwhile.
+            time.sleep(float(args[0]))
+            self.reply(request, "unblocked")
+        elif op == "config-changed":
+            self.handle.notify_config()
+            self.reply(request, "notified")
         elif op == "raise":
             raise RuntimeError("probe asked to raise")
         elif op == "keep":

@@ -56,6 +56,7 @@ def test_snd_pcm_info_round_trip(transport):
     try:
         dev = m.find_virtio(25)
         dev.initialize()
+        before = dev.interrupts(snd.CONTROL_QUEUE)
         used = pcm_info(dev)
         assert used.written == 4 + 2 * snd.PCM_INFO.size
         assert snd.HDR.unpack_from(used.data)[0] == snd.Status.OK
@@ -64,7 +65,7 @@ def test_snd_pcm_info_round_trip(transport):
         assert out.direction == snd.Direction.OUTPUT and inp.direction == snd.Direction.INPUT
         assert out.formats >> snd.FORMAT_INDEX["S16"] & 1
         assert out.rates >> snd.RATE_INDEX[48000] & 1
-        assert dev.transport.wait_interrupt(snd.CONTROL_QUEUE)
+        assert dev.wait_interrupts(snd.CONTROL_QUEUE, before + 1)
         # Out of range: BAD_MSG, and the device keeps serving.
         bad = pcm_info(dev, start_id=1, count=2)
         assert snd.HDR.unpack_from(bad.data)[0] == snd.Status.BAD_MSG
@@ -112,5 +113,7 @@ def test_qemu_virtio_sound_pci_with_the_same_driver():
     with Machine.x86(["-audiodev", "none,id=a", "-device", "virtio-sound-pci,audiodev=a"]) as m:
         dev = m.find_virtio(25)
         dev.initialize()
+        before = dev.interrupts(snd.CONTROL_QUEUE)
         used = pcm_info(dev)
         assert snd.HDR.unpack_from(used.data)[0] == snd.Status.OK
+        assert dev.wait_interrupts(snd.CONTROL_QUEUE, before + 1)

@@ -12,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.hostdriver.interrupts import MsiCounter
 from tests.hostdriver.memory import Allocator, GuestMemory
 from tests.hostdriver.mmio import MmioTransport, scan_slots
 from tests.hostdriver.pci import VIRTIO_VENDOR, PciTransport, scan_bus
@@ -47,13 +48,18 @@ class Machine:
 
     def __init__(self, arch: str, args: list[str], mem_mb: int = 128,
                  env: dict[str, str | None] | None = None, cwd: str | None = None,
-                 prealloc: bool = False) -> None:
+                 prealloc: bool = False, count_interrupts: bool = True) -> None:
+        """``count_interrupts``: have QEMU log every MSI the APIC receives
+        (x86), which VirtioDevice.interrupts() counts; a benchmark turns it
+        off (a write to the log per interrupt)."""
         self.arch = arch
         self.binary, self.machine_type, self.ram_base, bar_base = ARCHES[arch]
         self.args, self.mem_mb, self.env, self.cwd = args, mem_mb, env, cwd
         self.prealloc = prealloc        # fault guest RAM in at start, like -mem-prealloc
+        self.count_interrupts = count_interrupts
         self.bar_window = [bar_base, BAR64_BASE]
-        self.next_msix_area = self.ram_base + 0x10000
+        self.mmio_interrupts: dict[int, list[int]] = {}
+        self.msi = MsiCounter(None)
         self.proc: subprocess.Popen | None = None
 
     @classmethod
@@ -103,6 +109,15 @@ class Machine:
             s.settimeout(0.2)
             listeners.append(s)
         self.stderr_path = f"{self.tmp}/stderr"
+        args = list(self.args)
+        if self.arch == "x86_64" and self.count_interrupts:
+            # MSI-X messages counted per vector (tests/hostdriver/interrupts.py),
+            # in the caller's log file if it names one.
+            if "-D" not in args:
+                args += ["-D", f"{self.tmp}/qemu.log"]
+            args += ["-trace", "apic_deliver_irq"]
+            log = [args[i + 1] for i, arg in enumerate(args) if arg == "-D"][-1]   # the last wins
+            self.msi = MsiCounter(log)
         cmd = [
             str(self.qemu), "-machine", f"{self.machine_type},memory-backend=ram",
             "-accel", "qtest", "-qtest", f"unix:{qtest_path}", "-qtest-log", "/dev/null",
@@ -111,7 +126,7 @@ class Machine:
             "-object", f"memory-backend-file,id=ram,size={self.mem_mb}M,"
                        f"mem-path={self.ram_path},share=on"
                        + (",prealloc=on" if self.prealloc else ""),
-            *self.args,
+            *args,
         ]
         env = dict(os.environ)
         # The build in the cache is shared by every checkout and its
@@ -149,7 +164,7 @@ class Machine:
         # two mappings, even if this driver or QEMU is killed.
         os.unlink(self.ram_path)
         self.mem = GuestMemory(self.mm, self.ram_base, size)
-        # Low 16 MiB: MSI-X words and BIOS areas; the rest for queues and buffers.
+        # Low 16 MiB: BIOS areas; the rest for queues and buffers.
         self.alloc = Allocator(self.ram_base + (16 << 20), self.ram_base + size)
         return self
 
@@ -185,7 +200,7 @@ class Machine:
                 self.proc.wait()
         rc = self.proc.returncode
         self.proc = None
-        for closer in (getattr(self, "mm", None),):
+        for closer in (getattr(self, "mm", None), self.msi):
             if closer is not None:
                 closer.close()
         self.exit_stderr = self.stderr()
@@ -208,12 +223,11 @@ class Machine:
             found = []
             for pci in scan_bus(self.qtest):
                 if pci.vendor_id == VIRTIO_VENDOR and pci.device_id >= 0x1040:
-                    area = self.next_msix_area
-                    self.next_msix_area += 0x1000
-                    t = PciTransport(self.qtest, self.mem, pci, self.bar_window, area)
+                    t = PciTransport(self.qtest, self.mem, pci, self.bar_window, self.msi)
                     found.append(VirtioDevice(t, self.mem, self.alloc))
             return found
-        return [VirtioDevice(MmioTransport(self.qtest, base), self.mem, self.alloc)
+        return [VirtioDevice(MmioTransport(self.qtest, base, self.mmio_interrupts), self.mem,
+                             self.alloc)
                 for base in scan_slots(self.qtest)]
 
     def find_virtio(self, device_id: int, index: int = 0) -> VirtioDevice:
