@@ -11,7 +11,7 @@ import numpy as np
 
 from pyemb.snd import protocol as p
 from pyemb.snd_backend import StreamParams, read_wav, wav_header
-from tests.conftest import start
+from tests.conftest import start, with_and_without_ring_features
 from tests.hostdriver import VirtioDevice
 
 RATE = 48000
@@ -56,18 +56,21 @@ def set_params(dev: VirtioDevice, sid: int) -> bytes:
                                 p.RATE_INDEX[RATE]).pack())
 
 
-def start_card(transport: str, tmp_path: Path, source_bytes: bytes = b""):
+def start_card(transport: str, tmp_path: Path, source_bytes: bytes = b"",
+               ring: dict[str, bool] | None = None):
+    """``ring``: the virtqueue features (the ``ring`` fixture)."""
     source = tmp_path / "source.wav"
     params = StreamParams(1, "input", 2, "S16", RATE, 0, 0)
     source.write_bytes(wav_header(params, len(source_bytes)) + source_bytes)
     m = start(transport, "virtio-snd-py", f"config={write_config(tmp_path, source)}")
     dev = m.find_virtio(p.DEVICE_ID)
-    dev.initialize(want_features=1 << p.F_CTLS)
+    dev.initialize(want_features=1 << p.F_CTLS, **(ring or {}))
     return m, dev
 
 
-def test_playback_through_qemu_is_bit_exact_and_paced(transport, tmp_path):
-    m, dev = start_card(transport, tmp_path)
+@with_and_without_ring_features
+def test_playback_through_qemu_is_bit_exact_and_paced(transport, tmp_path, ring):
+    m, dev = start_card(transport, tmp_path, ring=ring)
     try:
         data = signal(PERIOD * 12, seed=transport == "pci")
         assert ok(set_params(dev, 0))
@@ -101,9 +104,10 @@ def test_playback_through_qemu_is_bit_exact_and_paced(transport, tmp_path):
     assert read_wav(tmp_path / "play-1.wav").data == data
 
 
-def test_capture_through_qemu_is_bit_exact(transport, tmp_path):
+@with_and_without_ring_features
+def test_capture_through_qemu_is_bit_exact(transport, tmp_path, ring):
     source = signal(PERIOD * 6, seed=4)
-    m, dev = start_card(transport, tmp_path, source)
+    m, dev = start_card(transport, tmp_path, source, ring=ring)
     try:
         assert ok(set_params(dev, 1))
         assert ok(ctl(dev, p.PCM_HDR.pack(p.Code.PCM_PREPARE, 1)))
@@ -156,8 +160,9 @@ def test_malformed_requests_get_errors_and_qemu_keeps_serving(transport, tmp_pat
         m.stop()
 
 
-def test_control_write_notifies_through_the_event_queue(transport, tmp_path):
-    m, dev = start_card(transport, tmp_path)
+@with_and_without_ring_features
+def test_control_write_notifies_through_the_event_queue(transport, tmp_path, ring):
+    m, dev = start_card(transport, tmp_path, ring=ring)
     try:
         events = dev.queues[p.EVENT_QUEUE]
         for _ in range(4):
@@ -182,8 +187,9 @@ def test_control_write_notifies_through_the_event_queue(transport, tmp_path):
         m.stop()
 
 
-def test_reset_while_playing_drops_everything_and_serves_again(transport, tmp_path):
-    m, dev = start_card(transport, tmp_path)
+@with_and_without_ring_features
+def test_reset_while_playing_drops_everything_and_serves_again(transport, tmp_path, ring):
+    m, dev = start_card(transport, tmp_path, ring=ring)
     try:
         assert ok(set_params(dev, 0))
         assert ok(ctl(dev, p.PCM_HDR.pack(p.Code.PCM_PREPARE, 0)))
@@ -193,7 +199,7 @@ def test_reset_while_playing_drops_everything_and_serves_again(transport, tmp_pa
         tx.kick()
         assert ok(ctl(dev, p.PCM_HDR.pack(p.Code.PCM_START, 0)))
         dev.reset()                       # the guest driver goes away mid-stream
-        dev.initialize(want_features=1 << p.F_CTLS)
+        dev.initialize(want_features=1 << p.F_CTLS)     # the same ring features
         assert ok(set_params(dev, 0))     # a fresh state machine
         assert ok(ctl(dev, p.PCM_HDR.pack(p.Code.PCM_PREPARE, 0)))
         tx = dev.queues[p.TX_QUEUE]
@@ -203,3 +209,108 @@ def test_reset_while_playing_drops_everything_and_serves_again(transport, tmp_pa
         assert p.PCM_STATUS.unpack(tx.wait().data)[0] == p.Status.OK
     finally:
         m.stop()
+
+
+def two_playback_config(tmp_path: Path) -> Path:
+    cfg = tmp_path / "snd2.toml"
+    cfg.write_text(f"""
+[[snd.streams]]
+direction = "output"
+formats = ["S16"]
+rates = [48000]
+backend = {{ name = "wav", path = "{tmp_path}/a-{{n}}.wav" }}
+
+[[snd.streams]]
+direction = "output"
+formats = ["S16", "S32"]
+rates = [44100, 48000]
+backend = {{ name = "wav", path = "{tmp_path}/b-{{n}}.wav" }}
+
+[[snd.streams]]
+direction = "input"
+formats = ["S16"]
+rates = [48000]
+""")
+    return cfg
+
+
+@with_and_without_ring_features
+def test_commands_of_several_streams_at_once_each_reply_in_its_own_chain(
+        transport, tmp_path, ring):
+    """Commands for three streams made available together, one kick per
+    queue: every reply lands in the chain that asked, whatever order the
+    device completes them in (a bad one first, then one stream's buffers
+    while the other's wait for their START)."""
+    m = start(transport, "virtio-snd-py", f"config={two_playback_config(tmp_path)}")
+    try:
+        dev = m.find_virtio(p.DEVICE_ID)
+        dev.initialize(want_features=1 << p.F_CTLS, **ring)
+        control, tx = dev.queues[p.CONTROL_QUEUE], dev.queues[p.TX_QUEUE]
+        half = PERIOD // 2
+        commands = {
+            "info 2": (p.QUERY_INFO.pack(p.Code.PCM_INFO, 2, 1, p.PCM_INFO.size),
+                       4 + p.PCM_INFO.size),
+            "params 0": (p.SetParams(0, 4 * PERIOD, PERIOD, 0, 2, p.FORMAT_INDEX["S16"],
+                                     p.RATE_INDEX[RATE]).pack(), 4),
+            "params 1": (p.SetParams(1, 4 * half, half, 0, 2, p.FORMAT_INDEX["S16"],
+                                     p.RATE_INDEX[RATE]).pack(), 4),
+            "bad rate": (p.SetParams(0, 4 * PERIOD, PERIOD, 0, 2, p.FORMAT_INDEX["S16"],
+                                     p.RATE_INDEX[44100]).pack(), 4),
+            "prepare 0": (p.PCM_HDR.pack(p.Code.PCM_PREPARE, 0), 4),
+            "prepare 1": (p.PCM_HDR.pack(p.Code.PCM_PREPARE, 1), 4),
+            "prepare 7": (p.PCM_HDR.pack(p.Code.PCM_PREPARE, 7), 4),
+            "info 0": (p.QUERY_INFO.pack(p.Code.PCM_INFO, 0, 1, p.PCM_INFO.size),
+                       4 + p.PCM_INFO.size),
+        }
+        tokens = {control.add([cmd], [size]).token: name for name, (cmd, size) in commands.items()}
+        control.kick()
+        replies = {}
+        for _ in commands:
+            used = control.wait()
+            replies[tokens[used.chain.token]] = used.data
+        assert {name: p.HDR.unpack_from(r)[0] for name, r in replies.items()} == {
+            "info 2": p.Status.OK, "params 0": p.Status.OK, "params 1": p.Status.OK,
+            "bad rate": p.Status.NOT_SUPP, "prepare 0": p.Status.OK, "prepare 1": p.Status.OK,
+            "prepare 7": p.Status.BAD_MSG, "info 0": p.Status.OK}
+        assert p.PcmInfo.unpack(replies["info 2"][4:]).direction == p.Direction.INPUT
+        assert p.PcmInfo.unpack(replies["info 0"][4:]).direction == p.Direction.OUTPUT
+
+        # Periods of stream 0 (PERIOD bytes) and stream 1 (half as many)
+        # interleaved on the tx queue, a message for the capture stream
+        # among them; one kick.
+        a, b = signal(PERIOD * 4, seed=10), signal(half * 4, seed=11)
+        sent: dict[int, tuple[str, int]] = {}
+        for i in range(4):
+            if i == 2:
+                sent[tx.add([struct.pack("<I", 2), bytes(PERIOD)], [8]).token] = ("capture", 0)
+            sent[tx.add([struct.pack("<I", 0), a[i * PERIOD:(i + 1) * PERIOD]], [8]).token] = \
+                ("a", i)
+            sent[tx.add([struct.pack("<I", 1), b[i * half:(i + 1) * half]], [8]).token] = ("b", i)
+        tx.kick()
+        assert ok(ctl(dev, p.PCM_HDR.pack(p.Code.PCM_START, 0)))
+
+        def take(n: int) -> list[tuple[str, int, int, int]]:
+            got = []
+            for _ in range(n):
+                used = tx.wait()
+                status, latency = p.PCM_STATUS.unpack(used.data)
+                got.append((*sent.pop(used.chain.token), status, latency))
+            return got
+
+        # The refused message first, though queued after four others; then
+        # stream 0's periods in order, each reporting what stream 0 still
+        # has queued (its own period included); stream 1's wait for START.
+        assert take(1) == [("capture", 0, p.Status.BAD_MSG, 0)]
+        assert take(4) == [("a", i, p.Status.OK, (4 - i) * PERIOD) for i in range(4)]
+        time.sleep(0.05)
+        assert tx.poll() is None
+        assert sorted(sent.values()) == [("b", i) for i in range(4)]
+        assert ok(ctl(dev, p.PCM_HDR.pack(p.Code.PCM_START, 1)))
+        assert take(4) == [("b", i, p.Status.OK, (4 - i) * half) for i in range(4)]
+        for sid in (0, 1):
+            assert ok(ctl(dev, p.PCM_HDR.pack(p.Code.PCM_STOP, sid)))
+            assert ok(ctl(dev, p.PCM_HDR.pack(p.Code.PCM_RELEASE, sid)))
+    finally:
+        m.stop()
+    assert read_wav(tmp_path / "a-1.wav").data == a
+    assert read_wav(tmp_path / "b-1.wav").data == b
