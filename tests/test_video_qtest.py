@@ -3,14 +3,16 @@ in the ChromeOS driver's flow (tests/video_client.py)."""
 
 from __future__ import annotations
 
+import itertools
 import struct
 import time
 
+import av
 import numpy as np
 import pytest
 
 from pyemb.video import protocol as p
-from tests.conftest import start
+from tests.conftest import start, with_and_without_ring_features
 from tests.hostdriver import Machine
 from tests.streams import CODECS, encode, reference, shared_dir, split_frames
 from tests.video_client import StreamRun, VideoClient
@@ -19,16 +21,17 @@ CROSVM = shared_dir() / "vectors" / "crosvm-test-25fps"
 
 
 @pytest.fixture
-def video(transport):
+def video(transport, ring):
     m = start(transport, "virtio-video-py", mem_mb=256)
     try:
         dev = m.find_virtio(p.DECODER_DEVICE_ID)
-        dev.initialize(want_features=0b11)
+        dev.initialize(want_features=0b11, **ring)
         yield VideoClient(m, dev)
     finally:
         m.stop()
 
 
+@with_and_without_ring_features
 def test_crosvm_vector_all_250_pictures_match(video):
     data = (CROSVM / "test-25fps.h264").read_bytes()
     expected = [int(c, 16) for c in (CROSVM / "test-25fps.crc").read_text().split()]
@@ -142,14 +145,26 @@ def test_chunks_that_do_not_match_frame_boundaries(video):
     chunks = [(data[i:i + 7001], i) for i in range(0, len(data), 7001)]
     result = video.decode(1, p.Format.H264, chunks)
     assert [pic.crc for pic in result.pictures] == expected
-    # A picture carries the timestamp of the buffer that holds its first byte.
-    starts = [chunk for chunk, _ in enumerate(split_frames(data))]
-    assert len(starts) == 250
-    offsets, off = [], 0
-    for frame in split_frames(data):
-        offsets.append(off // 7001 * 7001)
-        off += len(frame)
-    assert sorted(pic.timestamp for pic in result.pictures) == sorted(offsets)
+    # A picture carries the timestamp of the buffer that holds its first
+    # byte: the chunk of its frame's first byte, in display order.
+    frames = split_frames(data)
+    offsets = list(itertools.accumulate((len(f) for f in frames[:-1]), initial=0))
+    assert [pic.timestamp for pic in result.pictures] == \
+        [offsets[i] // 7001 * 7001 for i in display_order(frames)]
+
+
+def display_order(frames: list[bytes]) -> list[int]:
+    """The index in ``frames`` (H.264, one frame each) of each picture PyAV
+    decodes from them, in the order it outputs them."""
+    ctx = av.CodecContext.create("h264", "r")
+    order = []
+    for i, data in enumerate([*frames, None]):
+        packet = None
+        if data is not None:
+            packet = av.Packet(data)
+            packet.pts = packet.dts = i
+        order += [frame.pts for frame in ctx.decode(packet)]
+    return order
 
 
 class RunWithBadOutput(StreamRun):
@@ -212,6 +227,7 @@ def test_one_input_buffer_with_every_frame(video):
     assert {pic.timestamp for pic in result.pictures} == {42}
 
 
+@with_and_without_ring_features
 def test_scatter_gather_output_buffers_and_i420(video):
     packets = encode("vp9", 200, 120, 6)
     chunks = [(d, ns(pts)) for d, pts in packets]
@@ -220,6 +236,7 @@ def test_scatter_gather_output_buffers_and_i420(video):
         "vp9", [d for d, _ in packets], p.Format.YUV420)
 
 
+@with_and_without_ring_features
 def test_eight_streams_at_once(video):
     runs = []
     for sid, codec in enumerate(["h264", "vp8", "vp9", "hevc", "mpeg2", "mpeg4", "h264", "vp9"]):
@@ -231,6 +248,56 @@ def test_eight_streams_at_once(video):
     for (codec, packets, _), result in zip(runs, results, strict=True):
         assert [pic.crc for pic in result.pictures] == reference(codec, [d for d, _ in packets])
 
+
+
+@with_and_without_ring_features
+def test_commands_of_several_streams_at_once_each_reply_in_its_own_chain(video):
+    """An input for each of four streams, a GET_PARAMS_EXT for each and one
+    for a stream that does not exist, made available together with one
+    kick: every reply is the one its own command asked for, though the
+    inputs' come from the stream workers after the others' (out of order)."""
+    v = video
+    v.used_order = []
+    streams = {1: ("h264", 160, 96), 2: ("vp8", 192, 112), 3: ("vp9", 224, 128),
+               4: ("hevc", 256, 144)}
+    data = {}
+    for sid, (codec, w, h) in streams.items():
+        data[sid] = b"".join(d for d, _ in encode(codec, w, h, 4))
+        v.create_stream(sid, CODECS[codec][0])
+        params = v.get_params(sid, p.QueueType.INPUT)
+        params.frame_width, params.frame_height = w, h
+        v.set_params(sid, params)
+        entries = v.alloc_entries(len(data[sid]), 1)
+        v.create_resource(sid, p.QueueType.INPUT, 0, entries)
+        v.write_entries(entries, data[sid])
+    asked = {}
+    for sid in streams:
+        asked[v.queue(sid, p.QueueType.INPUT, 0, 1000 * sid + 7, len(data[sid]),
+                      kick=False)] = ("input", sid)
+    for sid in [*streams, 9]:
+        cmd = p.QUEUE_CMD.pack(p.Cmd.GET_PARAMS_EXT, sid, p.QueueType.INPUT)
+        asked[v.submit(cmd, kick=False)] = ("params", sid)
+    v.kick()
+    replies = {token: v.wait(token) for token in asked}
+    for token, (kind, sid) in asked.items():
+        reply = replies[token]
+        if kind == "input":
+            status, _, timestamp, flags, _ = p.RESOURCE_QUEUE_RESP.unpack(reply)
+            assert (status, timestamp, flags) == (p.Resp.OK_RESOURCE_QUEUE, 1000 * sid + 7, 0)
+        elif sid in streams:
+            assert status_of(reply) == p.Resp.OK_GET_PARAMS
+            params = p.Params.unpack(reply, p.HDR.size, ext=True)
+            codec, w, h = streams[sid]
+            assert (params.format, params.frame_width, params.frame_height) == \
+                (CODECS[codec][0], w, h), sid
+        else:
+            assert status_of(reply) == p.Resp.ERR_INVALID_STREAM_ID
+    at = positions(v)
+    params_at = [at[t] for t, (kind, _) in asked.items() if kind == "params"]
+    inputs_at = [at[t] for t, (kind, _) in asked.items() if kind == "input"]
+    assert max(params_at) < min(inputs_at)      # submitted first, completed last
+    for sid in streams:
+        v.call_ok(p.HDR.pack(p.Cmd.STREAM_DESTROY, sid))
 
 def test_two_devices_in_one_qemu():
     args = ["-device", "virtio-video-py-pci,addr=4", "-device", "virtio-video-py-pci,addr=5"]
@@ -512,6 +579,7 @@ def test_clear_output_while_pictures_are_written_answers_after_every_buffer(vide
         v.wait(token)
 
 
+@with_and_without_ring_features
 def test_reset_while_a_stream_decodes_leaves_nothing_for_the_next_driver(video):
     v = video
     chunks = split_frames(b"".join(d for d, _ in encode("h264", 1920, 1080, 24))) * 2
