@@ -38,6 +38,7 @@ from tests.test_snd_qtest import PERIOD, ctl, ok, set_params
 from tests.video_client import StreamRun, VideoClient
 
 SLOTS = {"snd": 5, "video": 6, "media": 7}
+SETTLE_S = 1.0
 
 
 def snd_config(tmp: Path) -> Path:
@@ -111,6 +112,9 @@ def cycles(m: Machine, count: int, tmp: Path, every: int = 0,
         start_streams(m, clip, kinds)
         unplug(m, kinds)
         if every and n % every == 0:
+            # Unplugged devices' memory goes after an RCU grace period and
+            # the Python side's at its next collection: let both happen.
+            time.sleep(SETTLE_S)
             curve.append((n, rss_mb(m.proc.pid)))
             if report:
                 report(*curve[-1])
