@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from pyemb.video import protocol as p
-from tests.conftest import start
+from tests.conftest import start, with_and_without_ring_features
 from tests.encoder_client import EncodeRun, raw_pictures
 from tests.video_client import VideoClient
 
@@ -15,16 +15,17 @@ CODECS = {"h264": p.Format.H264, "hevc": p.Format.HEVC, "vp8": p.Format.VP8,
           "vp9": p.Format.VP9}
 
 
-def encoder_machine(transport: str = "pci"):
+def encoder_machine(transport: str = "pci", ring: dict[str, bool] | None = None):
+    """``ring``: the virtqueue features (the ``ring`` fixture)."""
     m = start(transport, "virtio-video-py", "role=encoder", mem_mb=256)
     dev = m.find_virtio(p.ENCODER_DEVICE_ID)
-    dev.initialize(want_features=0b11)
+    dev.initialize(want_features=0b11, **(ring or {}))
     return m, VideoClient(m, dev)
 
 
 @pytest.fixture
-def enc():
-    m, client = encoder_machine()
+def enc(ring):
+    m, client = encoder_machine(ring=ring)
     try:
         yield client
     finally:
@@ -53,6 +54,7 @@ def test_each_codec_encodes_what_pyav_decodes_at_35_db(enc, codec):
     assert min(run.psnr()) >= 35
 
 
+@with_and_without_ring_features
 def test_i420_at_an_odd_size_from_scattered_pages(enc):
     pictures = raw_pictures(322, 242, 12, p.Format.YUV420)
     run = encode(enc, p.Format.H264, pictures, 322, 242, raw_format=p.Format.YUV420,
@@ -122,6 +124,7 @@ def test_forced_keyframes_land_exactly_and_carry_headers_when_asked(enc, codec, 
     assert min(run.psnr()) >= 35
 
 
+@with_and_without_ring_features
 def test_drain_returns_every_pending_packet_then_eos(enc):
     """Pictures queued and drained with no output buffer yet: the packets
     wait, then fill the buffers as they come, then the empty EOS buffer."""
@@ -143,6 +146,7 @@ def test_drain_returns_every_pending_packet_then_eos(enc):
     assert min(run.psnr()) >= 35
 
 
+@with_and_without_ring_features
 def test_four_streams_at_once(enc):
     runs = [EncodeRun(enc, sid, coded, raw_pictures(192, 128, 20), 192, 128,
                       controls={p.Control.BITRATE: 1_500_000})
@@ -158,6 +162,7 @@ def status_of(reply: bytes) -> int:
     return p.HDR.unpack_from(reply)[0]
 
 
+@with_and_without_ring_features
 @pytest.mark.parametrize("command", ["QUEUE_CLEAR", "RESOURCE_DESTROY_ALL", "STREAM_DESTROY"])
 def test_clear_and_destroy_while_encoding_return_every_buffer_first(enc, command):
     run = EncodeRun(enc, 1, p.Format.H264, raw_pictures(640, 480, 16), 640, 480,
@@ -296,9 +301,10 @@ def test_a_packet_too_big_for_its_buffer_gets_err_and_the_stream_recovers(enc):
     assert len(decode_packets(p.Format.H264, [pk.data for pk in r.packets])) == kept
 
 
+@with_and_without_ring_features
 @pytest.mark.parametrize("transport", ["mmio"])
-def test_encoding_on_virtio_mmio(transport):
-    m, client = encoder_machine(transport)
+def test_encoding_on_virtio_mmio(transport, ring):
+    m, client = encoder_machine(transport, ring)
     try:
         run = encode(client, p.Format.VP8, raw_pictures(160, 96, 10), 160, 96)
         assert len(run.result.packets) == 10
