@@ -177,10 +177,12 @@ class HostDriverMedia:
 
     EVENT_BUFFERS = 16
 
-    def __init__(self, machine, device) -> None:  # noqa: ANN001 - tests.hostdriver types
+    def __init__(self, machine, device,  # noqa: ANN001 - tests.hostdriver types
+                 ring: dict[str, bool] | None = None) -> None:
+        """``ring``: the virtqueue features (tests/conftest.py's ``ring``)."""
         self.machine = machine
         self.device = device
-        device.initialize()
+        device.initialize(**(ring or {}))
         self.commandq, self.eventq = device.queues
         for _ in range(self.EVENT_BUFFERS):
             self.eventq.add([], [p.EVENT_SIZE])

@@ -14,6 +14,7 @@ from pyemb.camera_source import TestPattern as PatternSource
 from pyemb.media import protocol as p
 from pyemb.media import v4l2
 from pyemb.media.formats import NV12, YUYV, ImageFormat
+from tests.conftest import with_and_without_ring_features
 from tests.hostdriver.machine import Machine, QemuExited
 from tests.media_client import HostDriverMedia, IoctlFailed
 
@@ -29,7 +30,7 @@ def expected(fmt: ImageFormat, sequence: int) -> bytes:
 
 
 def camera(args: str = "", arch: str = "x86_64", config: str | None = None,
-           tmp_path=None) -> tuple[Machine, HostDriverMedia]:  # noqa: ANN001
+           tmp_path=None, ring=None) -> tuple[Machine, HostDriverMedia]:  # noqa: ANN001
     extra = ""
     if config is not None:
         path = tmp_path / "media.toml"
@@ -41,15 +42,15 @@ def camera(args: str = "", arch: str = "x86_64", config: str | None = None,
         m = Machine.aarch64(["-device", f"virtio-media-py,id=cam{args}{extra}"], mem_mb=256)
     m.start()
     try:
-        return m, HostDriverMedia(m, m.find_virtio(p.DEVICE_ID))
+        return m, HostDriverMedia(m, m.find_virtio(p.DEVICE_ID), ring)
     except BaseException:
         m.stop()
         raise
 
 
 @pytest.fixture
-def cam():
-    m, media = camera()
+def cam(ring):
+    m, media = camera(ring=ring)
     yield media
     assert m.alive(), m.stderr()
     m.stop()
@@ -62,6 +63,7 @@ def test_config_space_and_region_0(cam, tmp_path):
     assert cam.region is not None and cam.region[1] == 256 << 20
 
 
+@with_and_without_ring_features
 def test_mmap_capture_read_through_the_bar_is_bit_exact(cam):
     c = cam.client
     s = c.open()
@@ -88,6 +90,7 @@ def test_mmap_capture_read_through_the_bar_is_bit_exact(cam):
     c.close(s)
 
 
+@with_and_without_ring_features
 def test_userptr_capture_into_guest_ram(cam):
     c = cam.client
     s = c.open()
@@ -105,8 +108,9 @@ def test_userptr_capture_into_guest_ram(cam):
     assert data == expected(fmt, e.buffer.sequence)
 
 
-def test_many_sessions_close_while_streaming_and_reset(tmp_path):
-    m, cam = camera(config="[media]\nmax_sessions = 32\n", tmp_path=tmp_path)
+@with_and_without_ring_features
+def test_many_sessions_close_while_streaming_and_reset(tmp_path, ring):
+    m, cam = camera(config="[media]\nmax_sessions = 32\n", tmp_path=tmp_path, ring=ring)
     try:
         many_sessions(cam)
         assert m.alive(), m.stderr()
@@ -152,8 +156,9 @@ def test_bad_commands_get_errnos(cam):
     assert c.ioctl(s, "g_fmt", v4l2.Format(type=CAP))[0].fmt.pix.width == 640
 
 
-def test_virtio_mmio_has_no_region_and_captures_into_userptr():
-    m, media = camera(arch="aarch64")
+@with_and_without_ring_features
+def test_virtio_mmio_has_no_region_and_captures_into_userptr(ring):
+    m, media = camera(arch="aarch64", ring=ring)
     try:
         assert media.region is None
         c = media.client
