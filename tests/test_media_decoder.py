@@ -974,6 +974,68 @@ def test_malformed_ioctls_get_errnos_and_the_session_keeps_working(rig):
     c.close(s)
 
 
+def test_what_v4l2_compliance_asks_of_an_m2m_decoder(rig):
+    """Colorimetry goes from OUTPUT to CAPTURE; CREATE_BUFS wants one plane of
+    at least the format's size; data_offset must be inside bytesused, and QBUF
+    of a prepared buffer keeps what PREPARE_BUF checked; mmap() of offset 0
+    finds no buffer even with MMAP buffers on the other queue."""
+    c = rig.client
+    s = c.open()
+    f = v4l2.Format(type=OUT)
+    mp = f.fmt.pix_mp
+    mp.pixelformat, mp.width, mp.height, mp.num_planes = v4l2.fourcc("H264"), 320, 240, 1
+    mp.colorspace, mp.xfer_func, mp.ycbcr_enc, mp.quantization = 10, 2, 1, 1
+    out = c.ioctl(s, "s_fmt", f)[0].fmt.pix_mp
+    cap = c.ioctl(s, "g_fmt", v4l2.Format(type=CAP))[0].fmt.pix_mp
+    for got in (out, cap):
+        assert (got.colorspace, got.xfer_func, got.ycbcr_enc, got.quantization) == (10, 2, 1, 1)
+    mp.colorspace, mp.xfer_func = 99, 99                # not V4L2's: the defaults
+    out = c.ioctl(s, "try_fmt", f)[0].fmt.pix_mp
+    assert (out.colorspace, out.xfer_func) == (v4l2.COLORSPACE_REC709, 0)
+    cb = v4l2.CreateBuffers(count=1, memory=MMAP)
+    cb.format = c.ioctl(s, "g_fmt", v4l2.Format(type=CAP))[0]
+    size = cb.format.fmt.pix_mp.plane_fmt[0].sizeimage
+    for planes, sizeimage in ((0, size), (1, size // 2)):
+        cb.format.fmt.pix_mp.num_planes = planes
+        cb.format.fmt.pix_mp.plane_fmt[0].sizeimage = sizeimage
+        assert c.status(s, "create_bufs", cb) == errno.EINVAL
+    cb.format.fmt.pix_mp.num_planes, cb.format.fmt.pix_mp.plane_fmt[0].sizeimage = 1, size * 2
+    made = c.ioctl(s, "create_bufs", cb)[0]
+    assert made.count == 1 and c.querybuf(s, 0, CAP)[1][0].length == size * 2
+    assert c.mmap(s, 0)[0] == errno.EINVAL
+    assert c.mmap(s, c.querybuf(s, 0, CAP)[1][0].m.mem_offset)[0] == 0
+    # OUTPUT: the bitstream starts at data_offset.
+    c.reqbufs(s, 2, OUT)
+    b, planes = c.buffer(0, OUT)
+    plane = v4l2.Plane(bytesused=100, data_offset=100)
+    assert c.status(s, "prepare_buf", b, bytes(plane)) == errno.EINVAL
+    plane.data_offset = 40
+    b.timestamp.tv_usec = 7
+    prepared = c.ioctl(s, "prepare_buf", b, bytes(plane))[0]
+    assert prepared.timestamp.tv_usec == 0          # taken at QBUF, not before
+    plane.bytesused = plane.data_offset = 0xDEADBEEF
+    b.timestamp.tv_usec = 9
+    done, queued = c.ioctl(s, "qbuf", b, bytes(plane))
+    assert (v4l2.Plane.parse(queued).bytesused, v4l2.Plane.parse(queued).data_offset) == (100, 40)
+    assert done.timestamp.tv_usec == 9
+
+
+def test_data_offset_skips_the_head_of_an_output_buffer():
+    rig = scripted_rig()
+    g = Guest(rig, hint=(16, 16))
+    g.setup_capture()
+    c = rig.client
+    off = g.offsets[("out", 0)]
+    rig.handle.shared_memory[off:off + 8] = b"\xdd\xdd\xdd\xdd\x42\x00\x00\x00"
+    b, _ = c.buffer(0, OUT)
+    g.out_free.remove(0)
+    g.out_queued.add(0)
+    c.ioctl(g.session, "qbuf", b, bytes(v4l2.Plane(bytesused=5, data_offset=4)))
+    g.wait(lambda: g.pictures(), "the picture")     # 0xdd would be an engine bug
+    assert g.pictures()[0].crc == zlib.crc32(b"\x42" * 256 + b"\x80" * 128)
+    rig.close()
+
+
 def test_backend_is_chosen_and_configured_as_virtio_video_does():
     rig = Rig(role="decoder", config={"backend": {"threads": 2}})
     assert isinstance(rig.dev.kind.backend, PyAVBackend)

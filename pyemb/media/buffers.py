@@ -214,7 +214,8 @@ class BufferQueue:
         if self.mplane:
             b.length = len(buf.planes)
             for src, dst in zip(buf.planes, planes, strict=False):
-                dst.bytesused, dst.length, dst.data_offset = src.bytesused, src.length, 0
+                dst.bytesused, dst.length, dst.data_offset = (src.bytesused, src.length,
+                                                              src.data_offset)
                 if src.offset is not None:
                     dst.m.mem_offset = src.offset
                 elif self.memory == v4l2.MEMORY_USERPTR:
@@ -258,10 +259,15 @@ class BufferQueue:
             buf.planes[0].userptr = userptr
             buf.planes[0].length = length
         plane = buf.planes[0]
-        if not self.capture:
+        if not self.capture and not (queueing and buf.prepared):
+            # QBUF of a prepared buffer keeps what PREPARE_BUF checked (vb2).
+            data_offset = plane_struct.data_offset if plane_struct is not None else 0
             if bytesused > plane.length:
                 raise V4L2Error(errno.EINVAL, "bytesused beyond the buffer")
-            plane.bytesused = bytesused
+            if bytesused and data_offset >= bytesused:
+                raise V4L2Error(errno.EINVAL, "data_offset past bytesused")
+            plane.bytesused, plane.data_offset = bytesused, data_offset
+        if not self.capture and queueing:   # vb2 takes the timestamp at QBUF only
             buf.timestamp_us = b.timestamp.tv_sec * 1_000_000 + b.timestamp.tv_usec
             buf.timecode = bytes(b.timecode)
         buf.prepared = True

@@ -124,6 +124,9 @@ MIN_CAPTURE_BUFFERS = 1
 # taking bitstream.
 PICTURE_BACKLOG = 4
 MIN_OUTPUT_SIZEIMAGE = 4096
+# The largest colorspace, xfer_func, ycbcr_enc and quantization values
+# videodev2.h defines (DCI-P3, SMPTE 2084, SMPTE 240M, limited range).
+MAX_COLORSPACE, MAX_XFER_FUNC, MAX_YCBCR_ENC, MAX_QUANTIZATION = 12, 7, 8, 2
 MAX_OUTPUT_SIZEIMAGE = 16 << 20
 # The longest CMD_CLOSE or a reset waits for the worker to finish copying a
 # picture into, or bitstream out of, a buffer.
@@ -202,7 +205,8 @@ class Job:
     """The OUTPUT buffer the worker is decoding; a seek takes it away."""
 
     buf: Buffer
-    length: int
+    length: int                       # bytesused: the bitstream is [data_offset, length)
+    data_offset: int
     timestamp: int
     fmt: Format                       # the coded format when it was taken
     reset: bool                       # the engine is reset first (a seek came before)
@@ -241,6 +245,7 @@ class DecoderSession(Session):
         self.hint = DEFAULT_SIZE                 # OUTPUT width x height from the client
         self.out_sizeimage = INPUT_BUFFER_SIZE
         self.raw: Format = decoder.raw[0]
+        self.colorimetry = (v4l2.COLORSPACE_REC709, 0, 0, 0)
         self.geometry = DEFAULT_SIZE             # visible size of the CAPTURE format
         self.known = False                       # the stream's size was parsed
         self.cap_alloc_size = 0                  # sizeimage the CAPTURE buffers were made for
@@ -329,6 +334,16 @@ class DecoderSession(Session):
                 return fmt
         return None
 
+    @staticmethod
+    def _colorimetry(mp: v4l2.PixFormatMplane) -> tuple[int, int, int, int]:
+        """The OUTPUT format's colorspace, transfer function, Y'CbCr encoding
+        and quantization: the client's where V4L2 defines them, else Rec. 709
+        and the defaults.  CAPTURE reports the same (a decoder converts none)."""
+        return (mp.colorspace if 1 <= mp.colorspace <= MAX_COLORSPACE else v4l2.COLORSPACE_REC709,
+                mp.xfer_func if mp.xfer_func <= MAX_XFER_FUNC else 0,
+                mp.ycbcr_enc if mp.ycbcr_enc <= MAX_YCBCR_ENC else 0,
+                mp.quantization if mp.quantization <= MAX_QUANTIZATION else 0)
+
     def _try_output(self, mp: v4l2.PixFormatMplane) -> tuple[Format, tuple[int, int], int]:
         coded = self._coded_of(mp.pixelformat) or self.decoder.coded[0]
         wmin, wmax, hmin, hmax = self.decoder.size_range(coded)
@@ -339,8 +354,13 @@ class DecoderSession(Session):
                      else INPUT_BUFFER_SIZE)
         return coded, size, sizeimage
 
+    @staticmethod
+    def _fill_colorimetry(mp: v4l2.PixFormatMplane, colorimetry: tuple[int, int, int, int]
+                          ) -> None:
+        mp.colorspace, mp.xfer_func, mp.ycbcr_enc, mp.quantization = colorimetry
+
     def _fill_output(self, f: v4l2.Format, coded: Format, size: tuple[int, int],
-                     sizeimage: int) -> None:
+                     sizeimage: int, colorimetry: tuple[int, int, int, int]) -> None:
         mp = f.fmt.pix_mp
         v4l2.C.memset(v4l2.C.addressof(f.fmt), 0, v4l2.C.sizeof(f.fmt))
         mp.width, mp.height = size
@@ -348,22 +368,25 @@ class DecoderSession(Session):
         mp.field = v4l2.FIELD_NONE
         mp.num_planes = 1
         mp.plane_fmt[0].sizeimage = sizeimage
+        self._fill_colorimetry(mp, colorimetry)
 
     def _fill_capture(self, f: v4l2.Format, raw: Format) -> None:
         v4l2.C.memset(v4l2.C.addressof(f.fmt), 0, v4l2.C.sizeof(f.fmt))
         w, h = self.geometry
         ImageFormat(RAW[raw], align(w), align(h)).fill_pix_mp(f.fmt.pix_mp)
+        self._fill_colorimetry(f.fmt.pix_mp, self.colorimetry)
 
     def ioctl_g_fmt(self, f: v4l2.Format, extra: bytes) -> None:
         if self._queue(f.type) is self.output:
             size = self.geometry if self.known else self.hint
-            self._fill_output(f, self.coded, size, self.out_sizeimage)
+            self._fill_output(f, self.coded, size, self.out_sizeimage, self.colorimetry)
         else:
             self._fill_capture(f, self.raw)
 
     def ioctl_try_fmt(self, f: v4l2.Format, extra: bytes) -> None:
         if self._queue(f.type) is self.output:
-            self._fill_output(f, *self._try_output(f.fmt.pix_mp))
+            self._fill_output(f, *self._try_output(f.fmt.pix_mp),
+                              self._colorimetry(f.fmt.pix_mp))
         else:
             self._fill_capture(f, self._raw_of(f.fmt.pix_mp.pixelformat) or self.raw)
 
@@ -374,9 +397,10 @@ class DecoderSession(Session):
                     and (self.output.buffers or self.capture.buffers)):
                 raise V4L2Error(errno.EBUSY, "buffers allocated")
             self.coded, self.hint, self.out_sizeimage = coded, size, sizeimage
+            self.colorimetry = self._colorimetry(f.fmt.pix_mp)
             if not self.known:
                 self.geometry = size           # the derived CAPTURE format
-            self._fill_output(f, coded, size, sizeimage)
+            self._fill_output(f, coded, size, sizeimage, self.colorimetry)
             return
         raw = self._raw_of(f.fmt.pix_mp.pixelformat) or self.raw
         if raw != self.raw and self.capture.buffers:
@@ -444,16 +468,22 @@ class DecoderSession(Session):
 
     def ioctl_create_bufs(self, cb: v4l2.CreateBuffers, extra: bytes) -> None:
         queue = self._queue(cb.format.type)
-        asked = cb.format.fmt.pix_mp.plane_fmt[0].sizeimage
+        mp = cb.format.fmt.pix_mp
+        asked = mp.plane_fmt[0].sizeimage
         if queue is self.output:
-            queue.create_bufs(cb, min(max(asked, self.out_sizeimage), MAX_OUTPUT_SIZEIMAGE))
+            needed, largest = self.out_sizeimage, MAX_OUTPUT_SIZEIMAGE
         else:
             wmin, wmax, hmin, hmax = self.decoder.size_range(self.coded)
+            needed = self.cap_format().sizeimage
             largest = ImageFormat(RAW[self.raw], align(wmax), align(hmax)).sizeimage
-            size = min(max(asked, self.cap_format().sizeimage), largest)
-            queue.create_bufs(cb, size)
-            if cb.count:
-                self.cap_alloc_size = min(self.cap_alloc_size or size, size)
+        if cb.count and (mp.num_planes != 1 or asked < needed):
+            # vb2's rule: buffers for the format, or larger.
+            raise V4L2Error(errno.EINVAL, f"CREATE_BUFS of {mp.num_planes} planes, "
+                            f"{asked} bytes for a {needed}-byte format")
+        size = min(asked, largest)
+        queue.create_bufs(cb, size)
+        if cb.count and queue is self.capture:
+            self.cap_alloc_size = min(self.cap_alloc_size or size, size)
 
     def ioctl_querybuf(self, b: v4l2.Buffer, extra: bytes) -> bytes:
         planes, _ = self._planes(b, extra)
@@ -468,7 +498,9 @@ class DecoderSession(Session):
         """The queue, planes and USERPTR lists of a buffer being queued."""
         planes, sg = self._planes(b, extra)
         queue = self._queue(b.type)
-        if queue is self.output and planes and planes[0].bytesused > MAX_OUTPUT_SIZEIMAGE:
+        prepared = b.index < len(queue.buffers) and queue.buffers[b.index].prepared
+        if (queue is self.output and planes and not prepared
+                and planes[0].bytesused > MAX_OUTPUT_SIZEIMAGE):
             # What the worker copies out of a buffer: at most this.
             raise V4L2Error(errno.EINVAL, f"more than {MAX_OUTPUT_SIZEIMAGE} bytes")
         return queue, planes, sg
@@ -685,7 +717,8 @@ class DecoderSession(Session):
         if self.drain_left is not None:
             self.drain_left -= 1
         buf.busy = True
-        self.job = Job(buf, buf.planes[0].bytesused, buf.timestamp_us, self.coded,
+        plane = buf.planes[0]
+        self.job = Job(buf, plane.bytesused, plane.data_offset, buf.timestamp_us, self.coded,
                        self.reset_engine)
         self.reset_engine = False
         return self.job
@@ -847,7 +880,7 @@ class DecoderSession(Session):
         time), take one picture from it; then keep it, and hand the OUTPUT
         buffer back once all its pictures are out."""
         if job.pictures is None:
-            data = job.buf.read(self.shm, job.length) if job.length else b""
+            data = job.buf.read(self.shm, job.length)[job.data_offset:] if job.length else b""
             with self.lock:
                 self.output.settle(job.buf)
                 self.cond.notify_all()

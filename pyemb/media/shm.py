@@ -38,7 +38,11 @@ class SharedMemory:
         self.view: memoryview | None = view
         self.size = len(view) if view is not None else 0
         self._lock = threading.Lock()
-        self._free: list[tuple[int, int]] = [(0, self.size)] if self.size else []
+        # The first page is never a buffer's: an mmap() of offset 0 on a queue
+        # without MMAP buffers finds none (v4l2-compliance tries it on an m2m
+        # node's USERPTR queue, where the other queue's MMAP buffers live).
+        self._free: list[tuple[int, int]] = ([(PAGE, self.size - PAGE)]
+                                             if self.size > PAGE else [])
         self._blocks: dict[int, Block] = {}
 
     @property
