@@ -1036,6 +1036,23 @@ def test_data_offset_skips_the_head_of_an_output_buffer():
     rig.close()
 
 
+def test_sessions_that_decode_are_bounded_apart_from_those_open():
+    rig = Rig(role="decoder", config={"decoder": {"max_streams": 1}})
+    first = Guest(rig)                      # STREAMON(OUTPUT): decoding
+    c = rig.client
+    second = c.open()
+    c.s_fmt(second, "H264", 0, 0, buf_type=OUT)
+    c.reqbufs(second, 2, OUT)
+    t = v4l2.Int(value=OUT)
+    assert c.status(second, "streamon", t) == errno.EBUSY
+    assert c.ioctl(second, "g_fmt", v4l2.Format(type=OUT))[0].fmt.pix_mp.width == 640
+    first.close()
+    c.ioctl(second, "streamon", t)
+    rig.close()
+    with pytest.raises(ConfigError, match="decoder.max_streams"):
+        Rig(role="decoder", config={"decoder": {"max_streams": 0}})
+
+
 def test_backend_is_chosen_and_configured_as_virtio_video_does():
     rig = Rig(role="decoder", config={"backend": {"threads": 2}})
     assert isinstance(rig.dev.kind.backend, PyAVBackend)

@@ -64,7 +64,10 @@ command that takes it back cancels what the worker will do with it.
 CMD_CLOSE and a device reset wait for such a copy to end (one picture,
 bounded by :data:`STOP_TIMEOUT_S`), never for an engine call.
 
-Bounds, per session: 32 buffers a queue (:data:`MAX_BUFFERS`); MMAP buffers
+Bounds: ``[decoder] max_streams`` sessions (default 32) may decode at once,
+each with its worker and engine session (STREAMON past it: EBUSY), whatever
+``[media] max_sessions`` lets open.  Per session: 32 buffers a queue
+(:data:`MAX_BUFFERS`); MMAP buffers
 in region 0 (its size bounds them all); an OUTPUT buffer's ``sizeimage`` at
 most :data:`MAX_OUTPUT_SIZEIMAGE`.  Host memory a session takes beyond its
 region 0 buffers: one OUTPUT buffer's bitstream (copied while it is being
@@ -89,7 +92,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pyemb import log
-from pyemb.config import ConfigError, section
+from pyemb.config import ConfigError, get_int, section
 from pyemb.device import write_all
 from pyemb.media import protocol as p
 from pyemb.media import v4l2
@@ -176,6 +179,12 @@ class Decoder:
         if not self.coded or not self.raw:
             raise ConfigError(f"backend {backend_class.__name__} decodes no coded format "
                               "virtio-media names into NV12 or YU12")
+        # Sessions with a worker and an engine session (STREAMON once): each
+        # is a thread (and the engine's own), so they are bounded apart from
+        # [media] max_sessions, which v4l2-compliance wants large.
+        table = section(config, "decoder")
+        self.max_streams = get_int(table, "max_streams", 32, 1, 1024, "decoder")
+        self.streaming: set[int] = set()
         # Sizes the engine decodes, from its virtio-video capabilities.
         self.sizes: dict[int, tuple[int, int, int, int]] = {}
         for desc in self.backend.capabilities(QueueType.INPUT):
@@ -191,6 +200,7 @@ class Decoder:
 
     def close_session(self, session: Session) -> None:
         session.close()
+        self.streaming.discard(session.id)
 
     def close(self) -> None:
         self.backend.close()
@@ -521,6 +531,9 @@ class DecoderSession(Session):
         queue = self._queue(t.value)
         if queue.streaming:
             return
+        decoder = self.decoder
+        if self.thread is None and len(decoder.streaming) >= decoder.max_streams:
+            raise V4L2Error(errno.EBUSY, f"{decoder.max_streams} sessions decode already")
         queue.streamon()
         if queue is self.output:
             self.out_sequence = 0
@@ -587,15 +600,16 @@ class DecoderSession(Session):
             self.drain_left = len(self.output.pending)
         else:
             self.stopped = None
-        self._start_worker()
         self.cond.notify_all()
 
     # -- lifecycle ----------------------------------------------------------------------
     def _start_worker(self) -> None:
-        if self.thread is None:
-            self.thread = threading.Thread(target=self._run, daemon=True,
-                                           name=f"pyemb-media-decoder{self.id}")
-            self.thread.start()
+        if self.thread is not None:
+            return
+        self.decoder.streaming.add(self.id)
+        self.thread = threading.Thread(target=self._run, daemon=True,
+                                       name=f"pyemb-media-decoder{self.id}")
+        self.thread.start()
 
     def close(self) -> None:
         """CMD_CLOSE or a device reset: the worker ends after its engine call;
