@@ -373,6 +373,33 @@ def test_reset_drops_queued_messages_and_stops_threads(card):
     assert card.model.streams[0].state.value == "idle"
 
 
+def test_set_params_hands_back_what_a_prepared_stream_held(card):
+    """Messages queued on a PREPARED stream wait for START; a SET_PARAMS
+    then (allowed from PREPARED) leaves them to the old parameters, and
+    neither STOP nor RELEASE is allowed from SET_PARAMS: they come back at
+    once with IO_ERR instead of being held until a reset (the protocol
+    fuzzer found capture buffers held so, tests/fuzz-corpus/protocol/)."""
+    assert card.set_params(sid=1) == p.Status.OK
+    assert card.op(p.Code.PCM_PREPARE, 1) == p.Status.OK
+    assert card.set_params(sid=0) == p.Status.OK
+    assert card.op(p.Code.PCM_PREPARE, 0) == p.Status.OK
+    held = [card.rx(960) for _ in range(3)] + [card.tx(bytes(960)) for _ in range(2)]
+    time.sleep(0.05)
+    assert not any(r.done for r in held)                # PREPARED: they wait for START
+    assert card.set_params(sid=1) == p.Status.OK
+    assert card.set_params(sid=0, periods=2) == p.Status.OK
+    assert all(r.done for r in held)
+    for r in held:
+        assert r.written == r.writable_size
+        assert struct.unpack_from("<I", r.reply, len(r.reply) - 8)[0] == p.Status.IO_ERR
+    # The streams go on with the new parameters.
+    assert card.op(p.Code.PCM_PREPARE, 0) == p.Status.OK
+    assert card.op(p.Code.PCM_START, 0) == p.Status.OK
+    reqs = [card.tx(bytes(960))]
+    wait_done(reqs)
+    assert struct.unpack_from("<I", reqs[0].reply)[0] == p.Status.OK
+
+
 # -- capture -------------------------------------------------------------------------------
 def test_capture_of_a_wav_file_is_bit_exact_and_paced(tmp_path):
     source = signal(PERIOD_FRAMES * 4 * 5, seed=9)

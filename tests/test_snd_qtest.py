@@ -314,3 +314,44 @@ def test_commands_of_several_streams_at_once_each_reply_in_its_own_chain(
         m.stop()
     assert read_wav(tmp_path / "a-1.wav").data == a
     assert read_wav(tmp_path / "b-1.wav").data == b
+
+
+def test_no_view_of_guest_memory_outlives_its_request(tmp_path):
+    """The shim reports views of guest memory a model still holds when their
+    request ends (completed, or dropped at a reset), as stale.  The protocol
+    fuzzer found the sound model keeping them three ways: a malformed rx
+    answered inside the handler of its exception (whose frames held the
+    slices), a message completed while _transfer held its slices, and a
+    queued message dropped at a reset before its views."""
+    cfg = tmp_path / "snd.toml"
+    cfg.write_text('[[snd.streams]]\ndirection = "output"\nbackend = "null"\n'
+                   '[[snd.streams]]\ndirection = "input"\nbackend = "null"\n')
+    m = start("pci", "virtio-snd-py", f"config={cfg}")
+    try:
+        dev = m.find_virtio(p.DEVICE_ID)
+        dev.initialize()
+        rx = dev.queues[p.RX_QUEUE]
+        assert ok(ctl(dev, p.SetParams(1, 1024, 256, 0, 1, p.FORMAT_INDEX["S16"],
+                                       p.RATE_INDEX[48000]).pack()))
+        assert ok(ctl(dev, p.PCM_HDR.pack(p.Code.PCM_PREPARE, 1)))
+        # 99 bytes are not whole S16 frames: refused once the views are cut.
+        used = rx.call([struct.pack("<I", 1)], [99, 8])
+        assert p.PCM_STATUS.unpack(used.data[-8:])[0] == p.Status.BAD_MSG
+        # Queued while PREPARED, flushed (silence) at RELEASE by the thread;
+        # frames and status in one buffer, so that the frames are a slice.
+        for _ in range(2):
+            rx.add([struct.pack("<I", 1)], [256 + 8])
+        rx.kick()
+        assert ok(ctl(dev, p.PCM_HDR.pack(p.Code.PCM_RELEASE, 1)))
+        for _ in range(2):
+            assert p.PCM_STATUS.unpack(rx.wait().data[-8:])[0] == p.Status.OK
+        # Queued while PREPARED, dropped by a reset.
+        assert ok(ctl(dev, p.PCM_HDR.pack(p.Code.PCM_PREPARE, 1)))
+        rx.add([struct.pack("<I", 1)], [256 + 8])
+        rx.kick()
+        time.sleep(0.05)
+        dev.initialize()
+        assert ok(ctl(dev, p.QUERY_INFO.pack(p.Code.PCM_INFO, 0, 2, p.PCM_INFO.size), 4 + 64))
+    finally:
+        m.stop()
+    assert "keeps views of guest memory" not in m.exit_stderr

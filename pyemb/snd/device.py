@@ -231,8 +231,13 @@ class SoundDevice(DeviceModel):
                 raise ProtocolError(p.Status.BAD_MSG, f"no {('capture', 'playback')[output]} "
                                                       f"stream {stream_id}")
             self.streams[stream_id].queue_message(request)
+            return
         except ProtocolError:
-            self.pcm_reply(request, p.Status.BAD_MSG)
+            pass
+        # Outside the handler: its traceback holds the frames that sliced the
+        # request's views, and completing kills the views (the shim reports
+        # any still alive as stale).
+        self.pcm_reply(request, p.Status.BAD_MSG)
 
     def pcm_reply(self, request: Request, status: p.Status) -> None:
         """Write {status, latency_bytes=0} into the last 8 writable bytes."""

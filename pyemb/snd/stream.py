@@ -186,11 +186,25 @@ class PcmStream:
                                 f"stream {self.id}: buffer {req.buffer_bytes} / period "
                                 f"{req.period_bytes} bytes do not fit {frame}-byte frames")
         self._close_backend()
+        self._hand_back_queued()
         self.params = StreamParams(self.id, "output" if self.output else "input",
                                    req.channels, fmt_name, p.RATES[req.rate],
                                    req.buffer_bytes, req.period_bytes)
         self.features = req.features
         self.state = State.SET_PARAMS
+
+    def _hand_back_queued(self) -> None:
+        """SET_PARAMS on a PREPARED stream: the messages queued for START
+        belong to the old parameters and nothing would complete them (STOP
+        and RELEASE are not allowed from SET_PARAMS): IO_ERR, at once."""
+        with self._cond:
+            queued = list(self._queue)
+            self._queue.clear()
+            self._queued_bytes = 0
+            self._generation += 1
+        for msg in queued:
+            msg.payload = []            # completing kills the views: none may be kept
+            self._complete(msg, p.Status.IO_ERR, 0)
 
     def prepare(self) -> None:
         self._check("prepare")
@@ -255,6 +269,10 @@ class PcmStream:
         """Device reset: forget every message (QEMU drops them) and close."""
         with self._cond:
             self._exit = True
+            for msg in self._queue:
+                # The views first: a request dropped with its message kills
+                # its views, and the shim reports any still alive as stale.
+                msg.payload = []
             self._queue.clear()
             self._queued_bytes = 0
             self._generation += 1
@@ -414,6 +432,29 @@ class PcmStream:
     def _transfer(self, msg: Message, generation: int, flush: bool = False) -> None:
         params = self.params
         assert params is not None
+        status = self._move(msg, params, flush)
+        # Completing the request kills its views, and the shim reports any
+        # still alive: none may outlive this (here, the ones _move sliced).
+        msg.payload = []
+        frames = msg.nbytes // params.frame_bytes
+        with self._cond:
+            if self._generation != generation or not self._queue or self._queue[0] is not msg:
+                return                  # reset while we worked: QEMU dropped it
+            self._queue.popleft()
+            self._queued_bytes -= msg.nbytes
+            self._frames += frames
+            self.frames_total += frames
+            latency = self._queued_bytes
+        if self.output:
+            if self._own_clock():
+                latency += msg.nbytes          # the period being played now
+            else:
+                latency += self.backend.queued_frames() * params.frame_bytes
+        self._complete(msg, status, latency)
+
+    def _move(self, msg: Message, params: StreamParams, flush: bool) -> p.Status:
+        """The message's frames to the backend, or the backend's (or
+        silence) into it; the status it is completed with."""
         status = p.Status.OK
         if self.output:
             gains = self.controls.gains()
@@ -442,21 +483,7 @@ class PcmStream:
                 buf[:whole] = scale(buf[:whole], params.sample, params.channels, gains)
             if single is None:
                 scatter(msg.payload, buf)
-        frames = msg.nbytes // params.frame_bytes
-        with self._cond:
-            if self._generation != generation or not self._queue or self._queue[0] is not msg:
-                return                  # reset while we worked: QEMU dropped it
-            self._queue.popleft()
-            self._queued_bytes -= msg.nbytes
-            self._frames += frames
-            self.frames_total += frames
-            latency = self._queued_bytes
-        if self.output:
-            if self._own_clock():
-                latency += msg.nbytes          # the period being played now
-            else:
-                latency += self.backend.queued_frames() * params.frame_bytes
-        self._complete(msg, status, latency)
+        return status
 
     def _complete(self, msg: Message, status: p.Status, latency: int) -> None:
         request = msg.request
