@@ -6,6 +6,7 @@ from __future__ import annotations
 import struct
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -526,6 +527,21 @@ def test_scale_is_exact_at_unity_and_mutes_to_silence(fmt):
     assert scale(data, sample, 2, [1.0, 1.0]) == data
     muted = scale(data, sample, 2, [0.0, 0.0])
     assert muted == sample.silence * (len(data) // sample.width)
+
+
+@pytest.mark.parametrize("fmt", ["FLOAT", "FLOAT64"])
+def test_scale_takes_a_guests_inf_and_nan_without_a_warning(fmt):
+    """A guest's float samples may be anything: muting inf (inf * 0) made
+    numpy print a RuntimeWarning into QEMU's log (the protocol fuzzer's
+    model-warning oracle found it)."""
+    sample = SAMPLE_FORMATS[fmt]
+    data = np.array([np.inf, -np.inf, np.nan, 0.5], sample.dtype).tobytes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        muted = np.frombuffer(scale(data, sample, 2, [0.0, 1.0]), sample.dtype)
+        halved = np.frombuffer(scale(data, sample, 2, [0.5, 0.5]), sample.dtype)
+    assert np.isnan(muted[0]) and muted[1] == -np.inf and muted[3] == 0.5
+    assert halved[0] == np.inf and np.isnan(halved[2])
 
 
 # -- backends and config -------------------------------------------------------------------

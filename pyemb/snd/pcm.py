@@ -117,8 +117,10 @@ def scale(data: memoryview | bytes, fmt: SampleFormat, channels: int,
     per_channel = np.asarray((list(gains) + [gains[-1]] * channels)[:channels])
     frames = unpack(data, fmt).reshape(-1, channels)
     if fmt.dtype.startswith("<f"):
-        # + 0.0 turns the -0.0 of muted negative samples into silence
-        return pack(frames * per_channel + 0.0, fmt)
+        # + 0.0 turns the -0.0 of muted negative samples into silence; a
+        # guest's inf or NaN samples stay what IEEE makes of them, unsaid.
+        with np.errstate(invalid="ignore", over="ignore"):
+            return pack(frames * per_channel + 0.0, fmt)
     wide = frames.astype(np.float64)
     if fmt.signed:
         lo, hi = -(1 << (fmt.bits - 1)), (1 << (fmt.bits - 1)) - 1
