@@ -541,3 +541,65 @@ def test_events_waiting_for_buffers_are_bounded_and_not_repeated():
     assert len(dev.events.pending) == MAX_PENDING_EVENTS
     assert dev.events.pending[-1] == p.EVENT.pack(p.EventType.DECODER_RESOLUTION_CHANGED, 9_999)
     dev.close()
+
+
+class FlushHeldSession(HeldSession):
+    """Its flush held at the decode gate; a closed one fails as PyAV's does."""
+
+    def flush(self) -> list[Picture]:
+        self.decode_gate.passing()
+        if self.closed:
+            raise AttributeError("'NoneType' object has no attribute 'flush_buffers'")
+        return []
+
+
+class TwoFormatBackend(HeldBackend):
+    def coded_formats(self) -> list[p.Format]:
+        return [p.Format.H264, p.Format.VP8]
+
+    def open_session(self, fmt: p.Format) -> DecodeSession:
+        session = FlushHeldSession()
+        HeldBackend.sessions.append(session)
+        return session
+
+
+def test_a_new_coded_format_does_not_close_the_session_the_worker_uses():
+    """SET_PARAMS(INPUT) may name another coded format until the first input,
+    and a drain may come before any input: the main loop closed the old
+    session while the worker flushed it (AttributeError in the worker, the
+    stream failed; found by the protocol fuzzer).  The worker closes it once
+    it is done with it."""
+    handle = FakeHandle(ram_size=PAGE)
+    dev = VideoDevice(handle, {}, backend_class=TwoFormatBackend)
+    errors: list[tuple[str, BaseException]] = []
+    dev.report = lambda e, what: errors.append((what, e))      # type: ignore
+
+    def send(command: bytes) -> FakeRequest:
+        request = handle.request([command], [128])
+        handle.call(dev, p.COMMAND_QUEUE, request)
+        return request
+
+    try:
+        send(p.STREAM_CREATE.pack(p.Cmd.STREAM_CREATE, SID, p.MemType.GUEST_PAGES,
+                                  p.MemType.GUEST_PAGES, p.Format.H264, 0, b"two"))
+        old = HeldBackend.sessions[-1]
+        old.decode_gate.arm()
+        drain = send(p.HDR.pack(p.Cmd.STREAM_DRAIN, SID))
+        old.decode_gate.wait_reached()                  # the worker is in old.flush()
+        reply = send(p.QUEUE_CMD.pack(p.Cmd.GET_PARAMS_EXT, SID, p.QueueType.INPUT)).reply
+        params = p.Params.unpack(reply, p.HDR.size, True)
+        params.format = p.Format.VP8
+        answer = send(p.HDR.pack(p.Cmd.SET_PARAMS_EXT, SID) + params.pack_ext())
+        assert p.HDR.unpack_from(answer.reply)[0] == p.Resp.OK_NODATA
+        assert not old.closed, "closed under the worker"
+        old.decode_gate.open()
+        wait_for([drain])
+        wait_until(lambda: old.closed, "the worker to close the old session")
+        assert dev.streams[SID].session is HeldBackend.sessions[-1] is not old
+    finally:
+        for session in HeldBackend.sessions:
+            session.decode_gate.open()
+        handle.reset(dev)
+        for stream in list(dev.workers):
+            stream.thread.join(5)
+    assert not errors, errors

@@ -150,6 +150,7 @@ class DecoderStream(StreamWorker):
                  completion_batch: Callable[[], AbstractContextManager[Any]]) -> None:
         super().__init__(stream_id, send_event, report, completion_batch)
         self.session = session
+        self.retired: list[DecodeSession] = []      # replaced; the worker closes them
         self.params = {
             p.QueueType.INPUT: p.Params(p.QueueType.INPUT, coded_format, min_buffers=1,
                                         max_buffers=MAX_BUFFERS,
@@ -215,14 +216,17 @@ class DecoderStream(StreamWorker):
         S_FMT(OUTPUT)."""
         return not self.fed and self.state is StreamState.AWAITING_HEADERS
 
-    def replace_session(self, session: DecodeSession, coded_format: int) -> DecodeSession:
+    def replace_session(self, session: DecodeSession, coded_format: int) -> None:
         """Decode ``coded_format`` with ``session`` from now on (see
-        coded_format_open); returns the session that was replaced."""
+        coded_format_open).  The worker may be flushing or resetting the
+        old session (a drain or a clear needs no input): it closes it
+        between two steps."""
         if not self.coded_format_open():
             raise RuntimeError("the coded format is fixed once decoding started")
-        old, self.session = self.session, session
+        self.retired.append(self.session)
+        self.session = session
         self.params[p.QueueType.INPUT].format = coded_format
-        return old
+        self.lock.notify()
 
     def coded_size_hint(self, width: int, height: int) -> None:
         """The size a client expects (SET_PARAMS(INPUT), from S_FMT on the
@@ -337,7 +341,12 @@ class DecoderStream(StreamWorker):
         return self.state is StreamState.ABANDONED
 
     def _close_engine(self) -> None:
+        self._close_retired()
         self.session.close()
+
+    def _close_retired(self) -> None:
+        while self.retired:
+            self.retired.pop().close()
 
     def _next(self) -> tuple[bool, InputJob | Marker | None]:
         """Wait for work: (False, None) when the worker is to end, else the
@@ -345,6 +354,7 @@ class DecoderStream(StreamWorker):
         with self.lock:
             self.unpushed = False       # the last step's batch is on the used ring
             while True:
+                self._close_retired()   # between steps: no engine call uses them
                 state = self.state
                 if state is StreamState.ABANDONED:
                     return False, None

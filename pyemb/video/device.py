@@ -331,7 +331,7 @@ class VideoDevice(DeviceModel):
                 raise ProtocolError(p.Resp.ERR_INVALID_OPERATION,
                                     "the coded format cannot change once decoding started")
             stream.replace_session(self.backend.open_session(p.Format(new.format)),
-                                   new.format).close()
+                                   new.format)
         if new.plane_formats and new.plane_formats[0][0]:
             cur.plane_formats = [(new.plane_formats[0][0], 0)]   # sizeimage of input buffers
         if new.frame_rate:
