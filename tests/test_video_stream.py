@@ -21,7 +21,7 @@ from pyemb.video import protocol as p
 from pyemb.video.decoder import DecoderStream, StreamState
 from pyemb.video.device import VideoDevice
 from pyemb.video.resources import Resource
-from pyemb.video_backend import DecodeSession, Picture, VideoBackend
+from pyemb.video_backend import DecodeError, DecodeSession, Picture, VideoBackend
 from tests.fakes import FakeChunk, FakeHandle, FakeRequest
 
 SIZE = 16
@@ -603,3 +603,60 @@ def test_a_new_coded_format_does_not_close_the_session_the_worker_uses():
         for stream in list(dev.workers):
             stream.thread.join(5)
     assert not errors, errors
+
+
+class CorruptBackend(HeldBackend):
+    def open_session(self, fmt: p.Format) -> DecodeSession:
+        session = HeldSession()
+        session.crash = DecodeError("invalid data")
+        return session
+
+
+def test_a_guest_making_stream_after_stream_cannot_flood_the_log(caplog):
+    """Each stream says a corrupt input once; a guest that makes stream
+    after stream, each with a corrupt input, made a line each without end
+    (the protocol fuzzer's log-flood oracle: 64 KiB in 290 000 inputs).
+    The device's GuestLog bounds them all: 20 lines, then one a minute."""
+    handle = FakeHandle(ram_size=2 * PAGE)
+    dev = VideoDevice(handle, {}, backend_class=CorruptBackend)
+
+    def send(command: bytes, reply: int = 128) -> FakeRequest:
+        request = handle.request([command], [reply])
+        handle.call(dev, p.COMMAND_QUEUE, request)
+        return request
+
+    try:
+        with caplog.at_level("WARNING", logger="pyemb"):
+            for _ in range(60):
+                send(p.STREAM_CREATE.pack(p.Cmd.STREAM_CREATE, SID, p.MemType.GUEST_PAGES,
+                                          p.MemType.GUEST_PAGES, p.Format.H264, 0, b"bad"))
+                send(p.RESOURCE_CREATE.pack(p.Cmd.RESOURCE_CREATE, SID, p.QueueType.INPUT, 0,
+                                            p.PlanesLayout.SINGLE_BUFFER, 1, *([0] * 8),
+                                            1, *([0] * 7)) + p.MEM_ENTRY.pack(PAGE, PAGE))
+                done = send(p.RESOURCE_QUEUE.pack(p.Cmd.RESOURCE_QUEUE, SID, p.QueueType.INPUT,
+                                                  0, 0, 1, 4, *([0] * 7)),
+                            p.RESOURCE_QUEUE_RESP.size)
+                wait_for([done])
+                assert p.RESOURCE_QUEUE_RESP.unpack(done.reply)[3] & p.BufferFlag.ERR
+                send(p.HDR.pack(p.Cmd.STREAM_DESTROY, SID))
+    finally:
+        handle.reset(dev)
+        for stream in list(dev.workers):
+            stream.thread.join(5)
+    said = [r for r in caplog.records if "corrupt input" in r.getMessage()]
+    assert len(said) == 20
+
+
+def test_guest_log_says_a_burst_then_one_a_period_and_counts_the_rest(monkeypatch):
+    from pyemb import log
+    now = [100.0]
+    monkeypatch.setattr(log.time, "monotonic", lambda: now[0])
+    said: list[str] = []
+    monkeypatch.setattr(log, "warning", said.append)
+    guest = log.GuestLog(burst=3, period_s=10.0)
+    assert [guest.warning(f"w{i}") for i in range(5)] == [True, True, True, False, False]
+    now[0] += 9.9
+    assert not guest.warning("w5")
+    now[0] += 0.1
+    assert guest.warning("w6")
+    assert said == ["w0", "w1", "w2", "w6 (3 more such warnings of this device left out)"]

@@ -18,6 +18,7 @@ import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from pyemb import log
 from pyemb.config import ConfigError, get_int, section
 from pyemb.device import DeviceHandle, DeviceModel, ProtocolError, Request, write_all
 from pyemb.events import EventQueue
@@ -85,6 +86,9 @@ class VideoDevice(DeviceModel):
         # An event waiting is not queued again: the driver acts on one
         # (re-reads the params, or fails the stream).
         self.events = EventQueue(p.EVENT.size, MAX_PENDING_EVENTS, coalesce=True)
+        # What guests cause, each said once per stream, and at most
+        # log.GuestLog's 20 lines plus one a minute for the whole device.
+        self.guest_log = log.GuestLog()
         super().__init__(handle, config)
         self.commands: dict[int, Callable[[Any, Request], bytes | None]] = {
             p.Cmd.QUERY_CAPABILITY: self.query_capability,
@@ -197,6 +201,7 @@ class VideoDevice(DeviceModel):
             stream = EncoderStream(stream_id, coded, in_mem, out_mem, self.backend,
                                    self.send_event, self.report, self.handle.batch,
                                    self.encode_budget)
+        stream.guest_log = self.guest_log
         self.streams[stream_id] = stream
         self.workers.add(stream)
         return p.reply(p.Resp.OK_NODATA, stream_id)

@@ -50,6 +50,7 @@ class StreamWorker:
 
     role = "video"                     # "decoding" or "encoding", for the log
     kind = "video"                     # "decoder" or "encoder"
+    guest_log: log.GuestLog | None = None   # the device's, set before any input
 
     def __init__(self, stream_id: int, send_event: Callable[[int, int], None],
                  report: Callable[[BaseException, str], None],
@@ -144,11 +145,16 @@ class StreamWorker:
     def warn(self, kind: str, message: str) -> None:
         """Log what a guest caused once per stream and kind: a guest that
         repeats it (a corrupt input per buffer, say) cannot fill the
-        host's log."""
+        host's log; and within the device's ``guest_log`` budget, since a
+        guest can make streams without end."""
         if kind not in self.warned:
             self.warned.add(kind)
-            log.warning(f"virtio-video {self.kind} stream {self.id}: {message} "
-                        "(logged once per stream)")
+            text = (f"virtio-video {self.kind} stream {self.id}: {message} "
+                    "(logged once per stream)")
+            if self.guest_log is not None:
+                self.guest_log.warning(text)
+            else:
+                log.warning(text)
 
     def _end_drain(self, status: int) -> None:
         if self.drain is not None:
