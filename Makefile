@@ -37,5 +37,15 @@ bench: build
 	$(PYTHON) -m bench.snd_pacing
 	$(PYTHON) -m bench.soak
 
+# The project's own protocol fuzzer on the host driver (bench/protocol_fuzz.py),
+# FUZZ_SECONDS per device (PROTOCOL_FUZZ_DEVICES: a subset); findings are kept
+# in tests/fuzz-corpus/protocol/ and replayed by make test.  make fuzz runs it.
+FUZZ_SECONDS ?= 300
+PROTOCOL_FUZZ_DEVICES ?=
+.PHONY: fuzz protocol-fuzz
+fuzz: protocol-fuzz
+protocol-fuzz: build
+	$(PYTHON) -m bench.protocol_fuzz --seconds $(FUZZ_SECONDS) $(PROTOCOL_FUZZ_DEVICES)
+
 clean:
 	rm -rf build .venv

@@ -1,0 +1,38 @@
+"""make test's share of the protocol fuzzer (tests/protocol_fuzz.py; ``make
+fuzz`` runs it for longer, bench/protocol_fuzz.py): every case of the corpus
+(tests/fuzz-corpus/protocol/, each an input range that tripped an oracle
+once) replays without tripping one, and a short seeded run per device trips
+none.  A case marked ``open`` is a bug found and reported, not fixed yet: it
+is expected to trip (xfail) until its fix lands."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.protocol_fuzz import DEVICES, load_cases, replay_case, run
+
+SEED = 1
+# Inputs per device: a few seconds each at the rates this machine reaches.
+SHORT = {"snd": 3000, "video-decoder": 2000, "video-encoder": 2000, "media-camera": 3000,
+         "media-decoder": 1000}
+CASES = load_cases()
+
+
+def _case_param(case: dict) -> pytest.param:
+    marks = [pytest.mark.xfail(reason=case["open"], strict=False)] if case.get("open") else []
+    return pytest.param(case, id=case["file"], marks=marks)
+
+
+@pytest.mark.parametrize("case", [_case_param(c) for c in CASES])
+def test_corpus_case_replays_clean(case):
+    report = replay_case(case)
+    assert not report.findings, f"{case['file']} ({case['tripped']}): {report.findings[0]}"
+    assert report.inputs + report.skipped == case["stop"] - case["start"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_short_seeded_run_trips_no_oracle(device):
+    report = run(device, SEED, 0, SHORT[device])
+    assert not report.findings, str(report.findings[0])
+    assert report.inputs >= 0.9 * SHORT[device], f"{report.skipped} inputs found no room"
+    assert report.rss_kb, "no checkpoint ran"
