@@ -195,7 +195,7 @@ def test_clear_and_destroy_while_encoding_return_every_buffer_first(enc, command
         for rid, entries in run.inputs.items():
             enc.create_resource(1, p.QueueType.INPUT, rid, entries)
     for token in [t for t in enc.done if t in run.out_flight]:
-        run.take_output(token, enc.done.pop(token))
+        run.take_output(token, enc.done.pop(token).data)
     run.result.packets.clear()
     run.pictures = run.pictures + raw_pictures(640, 480, 4)
     run.timestamps = run.timestamps + [9_000_000 + i for i in range(4)]

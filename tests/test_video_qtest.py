@@ -252,10 +252,12 @@ def test_eight_streams_at_once(video):
 
 @with_and_without_ring_features
 def test_commands_of_several_streams_at_once_each_reply_in_its_own_chain(video):
-    """An input for each of four streams, a GET_PARAMS_EXT for each and one
-    for a stream that does not exist, made available together with one
-    kick: every reply is the one its own command asked for, though the
-    inputs' come from the stream workers after the others' (out of order)."""
+    """An output buffer of a stream that has no input, an input for each
+    of four streams, a GET_PARAMS_EXT for each and one for a stream that
+    does not exist, made available together with one kick: every reply is
+    the one its own command asked for, in whatever order they come (the
+    inputs' from the stream workers; the output buffer, first in the
+    batch, only when its queue is cleared)."""
     v = video
     v.used_order = []
     streams = {1: ("h264", 160, 96), 2: ("vp8", 192, 112), 3: ("vp9", 224, 128),
@@ -270,6 +272,9 @@ def test_commands_of_several_streams_at_once_each_reply_in_its_own_chain(video):
         entries = v.alloc_entries(len(data[sid]), 1)
         v.create_resource(sid, p.QueueType.INPUT, 0, entries)
         v.write_entries(entries, data[sid])
+    v.create_stream(5, p.Format.H264)
+    v.create_resource(5, p.QueueType.OUTPUT, 0, v.alloc_entries(1 << 16, 1))
+    held = v.queue(5, p.QueueType.OUTPUT, 0, kick=False)
     asked = {}
     for sid in streams:
         asked[v.queue(sid, p.QueueType.INPUT, 0, 1000 * sid + 7, len(data[sid]),
@@ -292,11 +297,13 @@ def test_commands_of_several_streams_at_once_each_reply_in_its_own_chain(video):
                 (CODECS[codec][0], w, h), sid
         else:
             assert status_of(reply) == p.Resp.ERR_INVALID_STREAM_ID
+    v.poll()
+    assert held not in v.done                   # first made available, still out
+    v.call_ok(p.QUEUE_CMD.pack(p.Cmd.QUEUE_CLEAR, 5, p.QueueType.OUTPUT))
+    assert p.RESOURCE_QUEUE_RESP.unpack(v.wait(held))[3] == p.BufferFlag.ERR
     at = positions(v)
-    params_at = [at[t] for t, (kind, _) in asked.items() if kind == "params"]
-    inputs_at = [at[t] for t, (kind, _) in asked.items() if kind == "input"]
-    assert max(params_at) < min(inputs_at)      # submitted first, completed last
-    for sid in streams:
+    assert at[held] > max(at[token] for token in asked)
+    for sid in [*streams, 5]:
         v.call_ok(p.HDR.pack(p.Cmd.STREAM_DESTROY, sid))
 
 def test_two_devices_in_one_qemu():
