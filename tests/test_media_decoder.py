@@ -485,6 +485,37 @@ def test_stop_right_after_the_last_qbuf_decodes_every_buffer_queued_before_it(ri
     assert g.shots[-1].flags & v4l2.BUF_FLAG_LAST and len(g.out_done) == 12
 
 
+@pytest.mark.parametrize("cap_count", [0, 1], ids=["min+3", "one"])
+def test_the_drain_ends_with_an_empty_last_buffer_after_every_picture(rig, cap_count):
+    """LAST is never on the drain's last picture but on an empty CAPTURE
+    buffer after it (as crosvm's virtio-media decoder does).  After a
+    picture marked LAST, GStreamer 1.22's v4l2 decoders poll() for the
+    EPIPE that ends their drain; vb2 answers EPOLLIN there, the upstream
+    virtio-media driver (virtio_media_device_poll) never wakes while other
+    CAPTURE buffers are queued, and gst-launch hung at EOS.  An empty
+    CAPTURE buffer is their EOS, and DQBUF finds it without that wake-up."""
+    packets = [d for d, _ in encode("h264", 128, 96, 12)]
+    g = Guest(rig, hint=(128, 96), cap_count=cap_count)
+    assert [s.crc for s in g.decode(packets)] == reference("h264", packets)
+    last = g.shots[-1]
+    assert last.flags & v4l2.BUF_FLAG_LAST and last.bytesused == 0
+    assert not last.flags & v4l2.BUF_FLAG_ERROR
+    assert not any(s.flags & v4l2.BUF_FLAG_LAST for s in g.shots[:-1])
+    assert [s.sequence for s in g.pictures()] == list(range(12))
+    # EOS after the LAST buffer, which came after the last picture.
+    log = g.log
+    assert log.index(f"E{v4l2.EVENT_EOS}") > len(log) - 1 - log[::-1].index(f"C{last.index}")
+    # After START, a drain of one record (its picture comes out at the flush).
+    c = rig.client
+    c.ioctl(g.session, "decoder_cmd", v4l2.DecoderCmd(cmd=v4l2.DEC_CMD_START))
+    g.queue_capture(last.index)             # the client takes the LAST buffer back
+    g.feed(packets[:1], start_us=50 * STEP_US)
+    g.drain()
+    assert len(g.pictures()) == 13 and not g.pictures()[-1].flags & v4l2.BUF_FLAG_LAST
+    assert g.shots[-1].bytesused == 0 and g.shots[-1].flags & v4l2.BUF_FLAG_LAST
+    assert [e for e, _ in g.events].count(v4l2.EVENT_EOS) == 2
+
+
 def test_pictures_waiting_for_buffers_are_bounded_and_a_seek_drops_them():
     rig = scripted_rig()
     g = Guest(rig, hint=(16, 16), out_count=8, hold_capture=True)

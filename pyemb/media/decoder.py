@@ -38,10 +38,14 @@ the chroma), its engine session and its worker thread.  What a session does:
   CAPTURE (with buffers for the new size).  The pictures of the new size
   wait meanwhile.
 - V4L2_DEC_CMD_STOP drains: the OUTPUT buffers queued before it are
-  decoded, the engine flushed, every picture goes out, the last CAPTURE
-  buffer carries LAST (an empty one if no picture was left), then
-  ``V4L2_EVENT_EOS``; the session is stopped (OUTPUT buffers queued meanwhile
-  wait) until V4L2_DEC_CMD_START or STREAMOFF+STREAMON on CAPTURE.
+  decoded, the engine flushed, every picture goes out, then an empty CAPTURE
+  buffer (``bytesused`` 0) carries LAST, then ``V4L2_EVENT_EOS``; the session
+  is stopped (OUTPUT buffers queued meanwhile wait) until V4L2_DEC_CMD_START
+  or STREAMOFF+STREAMON on CAPTURE.  LAST is never on the last picture, as
+  with crosvm's virtio-media decoder: the upstream virtio-media driver's
+  poll() does not wake a client after a LAST buffer (vb2's answers EPOLLIN
+  and DQBUF EPIPE), and GStreamer 1.22's v4l2 decoders, which poll for that
+  EPIPE after a LAST picture, waited forever; an empty buffer is their EOS.
   A drain asked for while OUTPUT does not stream does nothing.
   TRY_DECODER_CMD takes START and STOP (their flags and data zeroed).
 - STREAMOFF(OUTPUT) is a seek: the engine is reset, the bitstream and the
@@ -850,15 +854,11 @@ class DecoderSession(Session):
             for flag, v4l2_flag in PICTURE_FLAGS.items():
                 if pic.flags & flag:
                     flags |= v4l2_flag
+            # The drain's end (Marker.EOS) is not marked here: _settle
+            # gives it an empty buffer of its own (see the module docstring).
             following = self.pictures[0] if self.pictures else None
-            if following is Marker.EOS:
-                self.pictures.popleft()
-                self._complete_capture(write.buf, flags | v4l2.BUF_FLAG_LAST,
-                                       write.fmt.sizeimage, pic.timestamp)
-                self._drain_done()
-                return
-            if following is not None and (following.width, following.height) != (
-                    pic.width, pic.height):
+            if (following is not None and following is not Marker.EOS
+                    and (following.width, following.height) != (pic.width, pic.height)):
                 self._source_change((following.width, following.height), last_here=True)
                 if self.stopped:
                     flags |= v4l2.BUF_FLAG_LAST
