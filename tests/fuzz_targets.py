@@ -73,6 +73,12 @@ class Target:
     def check(self, op: Op, writable: int, written: int, data: bytes) -> str | None:
         return None
 
+    def prompt(self, op: Op) -> bool:
+        """Whether the device answers ``op`` (as mutated) at once."""
+        if op.queue == self.event_queue:
+            return op.in_size < self.event_size
+        return op.prompt
+
     def status(self, op: Op, written: int, data: bytes) -> str:
         return f"{written}B" if written < 4 else f"0x{int.from_bytes(data[:4], 'little'):x}"
 
@@ -473,6 +479,12 @@ class Video(Target):
                                      rng.getrandbits(40), n, *sizes)
         return Op("RESOURCE_QUEUE", 0, cmd, vp.RESOURCE_QUEUE_RESP.size,
                   struct_fields(vp.RESOURCE_QUEUE), prompt=False)
+
+    def prompt(self, op: Op) -> bool:
+        if op.queue != vp.COMMAND_QUEUE:
+            return super().prompt(op)
+        held = (vp.Cmd.RESOURCE_QUEUE, vp.Cmd.STREAM_DRAIN)
+        return len(op.out) < 4 or int.from_bytes(op.out[:4], "little") not in held
 
     def check(self, op: Op, writable: int, written: int, data: bytes) -> str | None:
         if op.queue == vp.COMMAND_QUEUE and writable >= 8:

@@ -368,14 +368,20 @@ class Ring:
         self.used = machine.alloc.alloc(6 + 8 * size, 4096)
         self.clear()
 
-    def clear(self) -> None:
+    def clear(self, at: int = -1) -> None:
+        """After a reset (at input ``at``): descriptors the device held then
+        are taken last, so that one of them coming back now (a completion
+        that crossed the reset) cannot pass for a new chain's."""
         for addr, n in ((self.desc, 16 * self.size), (self.avail, 6 + 2 * self.size),
                         (self.used, 6 + 8 * self.size)):
             self.mm[addr - self.base:addr - self.base + n] = bytes(n)
-        self.free = list(range(self.size))
+        held = set(getattr(self, "inflight", {}))
+        self.dropped = {head: at for head in held}      # held at the reset
+        self.free = sorted(held) + [i for i in range(self.size) if i not in held]
         self.avail_idx = 0
         self.last_used = 0
         self.inflight: dict[int, Chain] = {}
+        self.recent: dict[int, tuple[int, int]] = {}     # head -> (input, used position)
 
     def publish(self, chain: Chain, descs: list[tuple[int, int, int]]) -> None:
         """``descs``: (address, length, flags) in ring descriptors taken from ``free``."""
@@ -401,8 +407,20 @@ class Ring:
         self.last_used = (self.last_used + 1) & 0xFFFF
         chain = self.inflight.pop(head, None)
         if chain is None:
-            raise FuzzError(f"queue {self.index}: the device used descriptor {head}, "
-                            "which is not the head of a chain it holds")
+            if head in self.dropped:
+                why = (f"a request the device held at the reset of input "
+                       f"{self.dropped[head]} came back after it")
+            elif head in self.recent:
+                why = (f"the request of input {self.recent[head][0]} came back again "
+                       f"(first at used position {self.recent[head][1]})")
+            else:
+                why = "not the head of a chain it holds"
+            raise FuzzError(f"queue {self.index}: the device used descriptor {head} "
+                            f"({written} bytes written): {why}; used ring at "
+                            f"{self.last_used - 1}, {len(self.inflight)} chains in flight, "
+                            f"avail at {self.avail_idx}")
+        self.recent[head] = (chain.index, self.last_used - 1)
+        self.dropped.pop(head, None)
         self.free.extend(chain.descs)
         return chain, written
 
@@ -492,7 +510,7 @@ class Fuzzer:
             for chain in ring.inflight.values():
                 for block in chain.blocks:
                     self.arena.release(block)
-            ring.clear()
+            ring.clear(self.last_index)
         t.set_status(ACKNOWLEDGE)
         t.set_status(ACKNOWLEDGE | DRIVER)
         offered = t.device_features()
@@ -576,6 +594,17 @@ class Fuzzer:
         blocks.append(addr)
         return addr
 
+    def queue_status(self, index: int) -> str:
+        """What QEMU says of virtqueue ``index`` (x-query-virtio-queue-status)."""
+        try:
+            qmp = self.machine.qmp
+            path = qmp.execute("x-query-virtio")[0]["path"]
+            st = qmp.execute("x-query-virtio-queue-status", path=path, queue=index)
+            return ", ".join(f"{k} {st[k]}" for k in ("last-avail-idx", "shadow-avail-idx",
+                                                       "used-idx", "inuse") if k in st)
+        except Exception as e:  # noqa: BLE001 - a diagnostic only
+            return f"unknown ({e})"
+
     def kick(self) -> None:
         """Notify the queues with new chains.  qtest answers once QEMU's
         main loop is back to it: a request that held the loop up longer
@@ -602,9 +631,15 @@ class Fuzzer:
         """Take every used chain back; the number taken."""
         n = 0
         for ring in self.rings:
-            while (done := ring.poll()) is not None:
-                chain, written = done
-                self._used(chain, written)
+            while True:
+                try:
+                    done = ring.poll()
+                except FuzzError as e:
+                    raise FuzzError(f"{e}; QEMU's view: {self.queue_status(ring.index)}") \
+                        from None
+                if done is None:
+                    break
+                self._used(*done)
                 n += 1
         eq = self.target.event_queue
         if n and eq is not None and len(self.rings[eq].inflight) < self.target.event_buffers:
@@ -698,6 +733,7 @@ class Fuzzer:
             mutate(rng, op)
         if op.mutate:
             mutate_writable(rng, op)
+            op.prompt = self.target.prompt(op)      # what the mutated bytes ask for
         return Input(op, pieces(rng, len(op.out)), pieces(rng, op.in_size),
                      rng.random() < INDIRECT_RATE, rng.random() < KICK_RATE)
 
@@ -769,6 +805,7 @@ class Fuzzer:
         self.kick()
         self.ping()         # a notification's handler runs after qtest's answer
         self.poll()
+        self._check_broken()
         self._wait(lambda: [c for c in self.held() if c.op.prompt], PROMPT_S,
                    "unanswered", "requests the device answers at once")
         problem = self.target.probe(self)
@@ -779,9 +816,7 @@ class Fuzzer:
                 raise _finding("unanswered", f"the teardown's {op.kind} got no answer within "
                                              f"{PROMPT_S} s")
         self._wait(self.held, HELD_S, "held", "requests held after teardown")
-        status = self.t.get_status()
-        if status & NEEDS_RESET:
-            raise _finding("broken", f"the device set NEEDS_RESET (status 0x{status:x})")
+        self._check_broken()
         self.post_event_buffers()
         self._check_stderr(index)
         pid = self.machine.proc.pid
@@ -803,6 +838,19 @@ class Fuzzer:
                 raise _finding("growth", f"QEMU has {report.threads[-1]} threads, "
                                          f"{base_threads} after warm-up")
 
+    def _check_broken(self) -> None:
+        """QEMU marks a device broken (NEEDS_RESET; it then ignores its
+        queues) for what its virtqueue code cannot take: say so, and why."""
+        status = self.t.get_status()
+        if status & NEEDS_RESET:
+            raise _finding("broken", f"the device set NEEDS_RESET (status 0x{status:x}); "
+                                     f"QEMU said: {self._stderr_tail()}")
+
+    def _stderr_tail(self, n: int = 1500) -> str:
+        with open(self.machine.stderr_path, "rb") as f:
+            f.seek(max(self.stderr_seen, f.seek(0, 2) - n))
+            return f.read().decode(errors="replace")
+
     def _wait(self, pending: Callable[[], list[Chain]], timeout: float, kind: str,
               what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -814,9 +862,15 @@ class Fuzzer:
             if time.monotonic() > deadline:
                 names = Counter(f"{c.op.kind}{c.op.mutated}" for c in left)
                 first = min(c.index for c in left)
+                self._check_broken()
+                queues = "; ".join(f"queue {q}: {self.queue_status(q)}"
+                                   for q in sorted({c.queue for c in left}))
                 raise _finding(kind, f"{len(left)} {what} still held after {timeout} s "
                                      f"(first from input {first}): "
                                      + ", ".join(f"{n} x{k}" for n, k in names.most_common(6))
+                                     + f"; QEMU's view: {queues}; device status "
+                                     + f"0x{self.t.get_status():x}; stderr: "
+                                     + repr(self._stderr_tail(600))
                                      + backtraces(self.machine.proc.pid))
             time.sleep(0.002)
 
@@ -859,10 +913,17 @@ def backtraces(pid: int) -> str:
                              capture_output=True, text=True, timeout=60).stdout
     except (subprocess.TimeoutExpired, OSError):
         return ""
-    keep = [line for line in out.splitlines()
-            if line.startswith("Thread ") or re.search(r"\b(in|at) \S*(py|Py|lock|wait|"
-                                                       r"main_loop|pyemb|virtio)", line)]
-    return "\nthreads:\n" + "\n".join(keep)[:6000]
+    threads, current = [], []
+    for line in out.splitlines():
+        if line.startswith("Thread "):
+            current = [line]
+            threads.append(current)
+        elif current and re.search(r"\b(in|at) \S*(pyemb|virtio|main_loop|Py\w*Lock|"
+                                   r"acquire|_wait|poll|sem_|futex|Vectorcall)", line):
+            current.append("  " + line.split(" in ", 1)[-1][:160])
+    # The main loop's thread (the first one gdb numbers) first.
+    threads.sort(key=lambda t: not t[0].startswith("Thread 1 "))
+    return "\nthreads:\n" + "\n".join(line for t in threads for line in t[:8])[:6000]
 
 
 def _finding(kind: str, detail: str) -> FuzzError:
@@ -931,7 +992,7 @@ def save_case(device: str, seed: int, start: int, stop: int, finding: Finding,
     record: list[Input] = []
     run(device, seed, start, stop, batch=batch, record=record)
     case = {"device": device, "seed": seed, "start": start, "stop": stop,
-            "tripped": finding.kind, "detail": finding.detail[:1500],
+            "tripped": finding.kind, "detail": finding.detail[:4000],
             "reproduced": reproduced, "found": time.strftime("%Y-%m-%d"),
             "generator": GENERATOR, "batch": batch, "inputs": pack_inputs(record)}
     if note:
