@@ -445,7 +445,7 @@ class Video(Target):
         step = size // n
         entries = [(base + i * step, step if i + 1 < n else size - i * step) for i in range(n)]
         if rng.random() < 0.05:
-            entries.append((rng.choice((0, 0xFFFFFFFFF000, fz.pool - 4096)), 4096))
+            entries.append((rng.choice((0, 0xFFFFFFFFF000, 1 << 32)), 4096))
         layout = vp.PlanesLayout.SINGLE_BUFFER if rng.random() < 0.85 else vp.PlanesLayout.PER_PLANE
         num_planes = 1 if bitstream_in or rng.random() < 0.5 else 2
         offsets = [0, w * h][:num_planes] + [0] * (8 - num_planes)
@@ -776,7 +776,7 @@ class Media(Target):
             entries = [(address + i * step, min(step, length - i * step)) for i in range(n)
                        if length - i * step > 0]
             if rng.random() < 0.05:
-                entries[0] = (rng.choice((0, 1 << 40, fz.pool - 4096)), entries[0][1])
+                entries[0] = (rng.choice((0, 1 << 40, 1 << 32)), entries[0][1])
             sg = b"".join(mp.SG_ENTRY.pack(a, s, 0) for a, s in entries)
         if mplane:
             b.length = rng.choice((1, 1, 1, 0, 2, 8, 9))
