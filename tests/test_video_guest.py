@@ -220,7 +220,12 @@ def test_a_killed_client_does_not_stop_the_next(guest):
 
 
 def gstreamer_pictures_bit_exact(guest: GuestResult, name: str, codec: str,
-                                 records: list[bytes], size: tuple[int, int]) -> None:
+                                 records: list[bytes], size: tuple[int, int],
+                                 lost_at_start: int = 0) -> None:
+    """The pictures gst-launch wrote are PyAV's, in order, and it ended with
+    rc 0.  ``lost_at_start``: how many of the first pictures may be missing
+    (and GStreamer's undrained warning then names them): those GStreamer
+    1.22 throws away itself (see tests/test_media_guest.py)."""
     text = guest.section(f"gst-{name}")
     got = re.findall(r"^GSTFRAME ([0-9a-f]{32})  -$", text, re.M)
     assert f"gst rc=0 bytes={len(got) * nv12_bytes(*size)}" in text, text
@@ -230,11 +235,14 @@ def gstreamer_pictures_bit_exact(guest: GuestResult, name: str, codec: str,
     # GStreamer reports them undrained. The pictures are then those of the
     # records before them.
     received = len(records)
-    if match := UNDRAINED.search(text):
+    if not lost_at_start and (match := UNDRAINED.search(text)):
         count, first, last = map(int, match.groups())
         assert last == len(records) - 1 and count <= 2, text
         received = first
-    assert got == reference_md5(codec, records[:received])
+    expected = reference_md5(codec, records[:received])
+    lost = len(expected) - len(got)
+    assert 0 <= lost <= lost_at_start, text
+    assert got == expected[lost:]
 
 
 @pytest.mark.parametrize("codec", list(GSTREAMER), ids=[e for e, _ in GSTREAMER.values()])
