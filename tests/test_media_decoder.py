@@ -1092,3 +1092,18 @@ def test_backend_is_chosen_and_configured_as_virtio_video_does():
     with pytest.raises(ConfigError, match="not a pyemb VideoBackend"):
         Rig(role="decoder", backend_class=int)
 
+
+
+def test_a_single_planar_buffer_with_a_huge_length_is_refused_at_once(rig):
+    """Found by the protocol fuzzer: the decoder counted planes by a
+    single-planar v4l2_buffer's ``length`` (bytes, any value a guest
+    likes) before refusing its type, so QBUF/QUERYBUF/PREPARE_BUF of
+    type 1 with length 2^24 held QEMU's main loop up for minutes."""
+    c = rig.client
+    s = c.open()
+    for code in (9, 15, 93):                    # QUERYBUF, QBUF, PREPARE_BUF
+        t0 = time.monotonic()
+        status, _ = c.raw_ioctl(s, code, bytes(v4l2.Buffer(type=v4l2.BUF_TYPE_VIDEO_CAPTURE,
+                                                           length=1 << 24)), 88)
+        assert status == errno.EINVAL
+        assert time.monotonic() - t0 < 0.5

@@ -461,7 +461,12 @@ class DecoderSession(Session):
     # -- buffers ------------------------------------------------------------------------
     @staticmethod
     def _planes(b: v4l2.Buffer, extra: bytes) -> tuple[list[v4l2.Plane], bytes]:
-        """The planes after a v4l2_buffer, and what follows them (USERPTR lists)."""
+        """The planes after a v4l2_buffer, and what follows them (USERPTR lists).
+        Only a multi-planar buffer has them (the device checked its count);
+        a single-planar one's ``length`` is bytes, which a guest may make
+        anything: counting planes by it held QEMU's main loop for seconds."""
+        if b.type not in v4l2.MPLANE_TYPES:
+            return [], extra
         size = v4l2.C.sizeof(v4l2.Plane)
         n = b.length
         return [v4l2.Plane.parse(extra[i * size:]) for i in range(n)], extra[n * size:]
