@@ -40,6 +40,7 @@ from tests.protocol_fuzz import (  # noqa: E402
     DEVICES,
     WARMUP,
     Report,
+    StartError,
     minimise,
     run,
     save_case,
@@ -76,7 +77,11 @@ def fuzz_device(device: str, seed: int, seconds: float, batch: int, minimise_s: 
     rss: list[int] = []
     stderr = 0
     while time.monotonic() < deadline:
-        report: Report = run(device, seed, index, 1 << 40, deadline, batch)
+        try:
+            report: Report = run(device, seed, index, 1 << 40, deadline, batch)
+        except StartError as e:
+            print(f"  {device}: {e}; this device stops here", flush=True)
+            break
         inputs += report.inputs
         busy += report.seconds
         statuses += report.statuses
@@ -87,20 +92,28 @@ def fuzz_device(device: str, seed: int, seconds: float, batch: int, minimise_s: 
             break
         f = report.findings[0]
         findings.append(f)
-        print(f"  {device}: {f.kind} at input {f.index}: {f.detail[:400]}", flush=True)
+        print(f"  {device}: {f.kind} at input {f.index}: {f.detail[:3000]}", flush=True)
         sig = signature(f.kind, f.detail)
         if sig in seen:
             print("    (like one found before in this run: not kept again)")
         else:
             seen.add(sig)
-            lo, hi, reproduced = minimise(device, seed, f, index, batch, minimise_s,
-                                          log=print)
+            try:
+                lo, hi, reproduced = minimise(device, seed, f, index, batch, minimise_s,
+                                              log=print)
+            except StartError as e:
+                print(f"    not minimised: {e}")
+                lo, hi, reproduced = index, f.index + 1, False
             print(f"    minimised to inputs [{lo}, {hi})"
                   + ("" if reproduced else " (not reproduced by a replay)"))
             if save:
-                path = save_case(device, seed, lo, hi, f, reproduced, corpus)
-                kept.append(path)
-                print(f"    kept as {path}")
+                try:
+                    path = save_case(device, seed, lo, hi, f, reproduced, corpus)
+                except StartError as e:
+                    print(f"    not kept: {e}")
+                else:
+                    kept.append(path)
+                    print(f"    kept as {path}")
         index = (f.index // batch + 1) * batch
     rate = inputs / busy if busy else 0.0
     line = (f"{device}: {inputs} inputs in {busy:.0f} s = {rate:.0f} inputs/s (seed {seed}); "

@@ -425,6 +425,10 @@ class Ring:
         return chain, written
 
 
+class StartError(Exception):
+    """QEMU could not be started (the host, not the device)."""
+
+
 class FuzzError(Exception):
     """A finding that ends the run at once (a crash, a protocol violation)."""
 
@@ -477,10 +481,20 @@ class Fuzzer:
 
     # -- lifecycle ------------------------------------------------------------------
     def start(self) -> None:
+        import subprocess
         import tempfile
         self.tmp = Path(tempfile.mkdtemp(prefix="pyemb-fuzz-"))
-        m = Machine.x86(self.target.qemu_args(self.tmp), mem_mb=self.target.mem_mb)
-        m.start()
+        # A machine this loaded may start QEMU slowly: a second try, then
+        # the caller's problem (StartError is no finding of the device's).
+        for attempt in range(3):
+            m = Machine.x86(self.target.qemu_args(self.tmp), mem_mb=self.target.mem_mb)
+            try:
+                m.start()
+                break
+            except (OSError, QemuExited, subprocess.TimeoutExpired) as e:
+                if attempt == 2:
+                    raise StartError(f"QEMU did not start: {type(e).__name__}: {e}") from e
+                time.sleep(5)
         self.machine = m
         m.qtest.sock.settimeout(MAIN_LOOP_S)
         self.dev = m.find_virtio(self.target.device_id)
