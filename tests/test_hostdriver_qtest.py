@@ -56,7 +56,9 @@ def test_event_idx_kicks_only_when_the_device_needs_it(transport):
         for event_idx in (True, False):
             dev.initialize(event_idx=event_idx)
             q = dev.queues[0]
-            q.add([b"block 0.5"], [16])
+            # Long enough that the device cannot take "echo b" before the
+            # driver has decided on the kick after "echo c", even on a loaded machine.
+            q.add([b"block 2" if event_idx else b"block 0.1"], [16])
             assert q.kick(wait=False)           # posted: the main loop is busy with it
             deadline = time.monotonic() + 5
             while m.mem.u16(q.used + 4 + 8 * q.size) != 1 and event_idx:

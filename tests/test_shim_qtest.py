@@ -56,7 +56,7 @@ def test_completion_from_a_python_thread_reaches_the_guest(probe):
     _, dev = probe
     q = dev.queues[0]
     before = dev.interrupts(0)
-    q.add([b"later 0.3"], [16])
+    q.add([b"later 1.0"], [16])                    # long enough for a loaded machine
     q.kick()
     assert command(dev, "echo first") == "first"   # the main loop is not blocked
     assert settled(dev, 0, before + 1)             # the echo's, and nothing more yet
