@@ -18,24 +18,19 @@ RATE = 48000
 PERIOD = 240 * 4                    # 5 ms of S16 stereo
 
 
+def stream_toml(direction: str, formats: str, rates: str, wav: str = "") -> str:
+    """One [[snd.streams]] table; ``wav``: the WAV backend's path."""
+    backend = f'backend = {{ name = "wav", path = "{wav}" }}\n' if wav else ""
+    return (f'[[snd.streams]]\ndirection = "{direction}"\nformats = {formats}\n'
+            f"rates = {rates}\n{backend}\n")
+
+
 def write_config(tmp_path: Path, source: Path) -> Path:
     cfg = tmp_path / "snd.toml"
-    cfg.write_text(f"""
-[[snd.streams]]
-direction = "output"
-formats = ["S16", "S32"]
-rates = [44100, 48000]
-backend = {{ name = "wav", path = "{tmp_path}/play-{{n}}.wav" }}
-
-[[snd.streams]]
-direction = "input"
-formats = ["S16"]
-rates = [48000]
-backend = {{ name = "wav", path = "{source}" }}
-
-[[snd.jacks]]
-device = "headphone"
-""")
+    cfg.write_text(stream_toml("output", '["S16", "S32"]', "[44100, 48000]",
+                               f"{tmp_path}/play-{{n}}.wav")
+                   + stream_toml("input", '["S16"]', "[48000]", str(source))
+                   + '[[snd.jacks]]\ndevice = "headphone"\n')
     return cfg
 
 
@@ -213,24 +208,10 @@ def test_reset_while_playing_drops_everything_and_serves_again(transport, tmp_pa
 
 def two_playback_config(tmp_path: Path) -> Path:
     cfg = tmp_path / "snd2.toml"
-    cfg.write_text(f"""
-[[snd.streams]]
-direction = "output"
-formats = ["S16"]
-rates = [48000]
-backend = {{ name = "wav", path = "{tmp_path}/a-{{n}}.wav" }}
-
-[[snd.streams]]
-direction = "output"
-formats = ["S16", "S32"]
-rates = [44100, 48000]
-backend = {{ name = "wav", path = "{tmp_path}/b-{{n}}.wav" }}
-
-[[snd.streams]]
-direction = "input"
-formats = ["S16"]
-rates = [48000]
-""")
+    cfg.write_text(stream_toml("output", '["S16"]', "[48000]", f"{tmp_path}/a-{{n}}.wav")
+                   + stream_toml("output", '["S16", "S32"]', "[44100, 48000]",
+                                 f"{tmp_path}/b-{{n}}.wav")
+                   + stream_toml("input", '["S16"]', "[48000]"))
     return cfg
 
 
