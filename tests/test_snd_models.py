@@ -401,6 +401,56 @@ def test_set_params_hands_back_what_a_prepared_stream_held(card):
     assert struct.unpack_from("<I", reqs[0].reply)[0] == p.Status.OK
 
 
+class GatedBackend(SndBackend):
+    """write() waits at a gate the test opens; it fails (as a dead view of
+    guest memory would make it) if the frames' view was released meanwhile."""
+
+    takes_fragments = True
+    gate = threading.Event()
+    entered = threading.Event()
+    failures: list[str] = []
+
+    def write(self, frames):
+        GatedBackend.entered.set()
+        assert GatedBackend.gate.wait(5)
+        try:
+            bytes(frames)
+        except ValueError as e:
+            GatedBackend.failures.append(str(e))
+            raise
+
+
+def test_set_params_leaves_the_message_the_thread_plays_out_to_it(tmp_path, monkeypatch):
+    """After RELEASE the thread plays the queued messages out; SET_PARAMS
+    waits RELEASE_JOIN_S for it, then hands back what is still queued.  It
+    handed back the message the thread was writing too, under its feet (the
+    protocol fuzzer's stale-view oracle, once in a while on a loaded host):
+    that one is the thread's to complete."""
+    from pyemb.snd import stream
+    monkeypatch.setattr(stream, "RELEASE_JOIN_S", 0.05)
+    GatedBackend.gate.clear()
+    GatedBackend.entered.clear()
+    GatedBackend.failures.clear()
+    card = Card(tmp_path, streams=[{"direction": "output", "formats": ["S16"], "rates": [48000],
+                                    "backend": "tests.test_snd_models:GatedBackend"}])
+    try:
+        assert card.set_params() == p.Status.OK
+        assert card.op(p.Code.PCM_PREPARE) == p.Status.OK
+        first, second = card.tx(bytes(960)), card.tx(bytes(960))
+        assert card.op(p.Code.PCM_RELEASE) == p.Status.OK
+        assert GatedBackend.entered.wait(5)              # the thread is in write(first)
+        assert card.set_params() == p.Status.OK          # the join times out
+        assert second.done and status(second.reply) == p.Status.IO_ERR
+        assert not first.done, "completed under the thread's write"
+        GatedBackend.gate.set()
+        wait_done([first])
+        assert status(first.reply) == p.Status.OK
+        assert not GatedBackend.failures
+    finally:
+        GatedBackend.gate.set()
+        card.model.close()
+
+
 # -- capture -------------------------------------------------------------------------------
 def test_capture_of_a_wav_file_is_bit_exact_and_paced(tmp_path):
     source = signal(PERIOD_FRAMES * 4 * 5, seed=9)

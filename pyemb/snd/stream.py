@@ -44,6 +44,9 @@ MAX_BUFFER_BYTES = 16 << 20
 # How long a backend's open or close may take on QEMU's main loop; the Linux
 # driver gives up on a control request after 1 s (virtio_snd msg_timeout_ms).
 HOOK_TIMEOUT_S = 0.5
+# How long SET_PARAMS or PREPARE after RELEASE waits for the thread to play
+# the stream out; a thread slower than that keeps the message it is moving.
+RELEASE_JOIN_S = 2.0
 
 
 def describe(error: BaseException) -> str:
@@ -136,6 +139,7 @@ class PcmStream:
         self._queue: deque[Message] = deque()
         self._queued_bytes = 0
         self._thread: threading.Thread | None = None
+        self._moving: Message | None = None     # the one the thread works on, unlocked
         self._exit = False
         self._backend_open = False
         self._backend_running = False
@@ -161,7 +165,7 @@ class PcmStream:
         # the driver waited for the messages, so this is short.
         thread = self._thread
         if self.state == State.RELEASED and thread is not None:
-            thread.join(2.0)
+            thread.join(RELEASE_JOIN_S)
 
     def set_params(self, req: p.SetParams) -> None:
         self._check("set_params")
@@ -196,12 +200,15 @@ class PcmStream:
     def _hand_back_queued(self) -> None:
         """SET_PARAMS on a PREPARED stream: the messages queued for START
         belong to the old parameters and nothing would complete them (STOP
-        and RELEASE are not allowed from SET_PARAMS): IO_ERR, at once."""
+        and RELEASE are not allowed from SET_PARAMS): IO_ERR, at once.  But
+        the one the thread is still playing out after a RELEASE (it took
+        longer than RELEASE_JOIN_S) is the thread's to complete."""
         with self._cond:
-            queued = list(self._queue)
-            self._queue.clear()
-            self._queued_bytes = 0
-            self._generation += 1
+            moving = self._moving
+            queued = [msg for msg in self._queue if msg is not moving]
+            kept = [msg for msg in self._queue if msg is moving]
+            self._queue = deque(kept)
+            self._queued_bytes = sum(msg.nbytes for msg in kept)
         for msg in queued:
             msg.payload = []            # completing kills the views: none may be kept
             self._complete(msg, p.Status.IO_ERR, 0)
@@ -357,17 +364,27 @@ class PcmStream:
                 if msg is None:
                     return
                 state, generation = self.state, self._generation
-            if not self._backend_running and (state == State.RUNNING or self.output):
-                self._backend_call(self.backend.start)
-                self._backend_running = True
-            if state == State.RUNNING:
-                if not self._wait_for_deadline(msg, generation):
-                    continue
+                self._moving = msg
+            try:
+                self._serve(msg, state, generation)
+            finally:
+                with self._cond:
+                    self._moving = None
+
+    def _serve(self, msg: Message, state: State, generation: int) -> None:
+        """The message at the head of the queue, taken in ``state``: played
+        or recorded on the clock (RUNNING), or flushed; if things change
+        while it waits for the clock, the loop looks again."""
+        if not self._backend_running and (state == State.RUNNING or self.output):
+            self._backend_call(self.backend.start)
+            self._backend_running = True
+        if state == State.RUNNING:
+            if self._wait_for_deadline(msg, generation):
                 self._transfer(msg, generation)
-            else:
-                # STOPPED or RELEASED: playback frames still go to the sink
-                # (nothing written before STOP is lost); capture ends empty.
-                self._transfer(msg, generation, flush=True)
+        else:
+            # STOPPED or RELEASED: playback frames still go to the sink
+            # (nothing written before STOP is lost); capture ends empty.
+            self._transfer(msg, generation, flush=True)
 
     def _next_message(self) -> Message | None:
         """Under the lock: the next message to serve, or None to exit."""
