@@ -49,6 +49,21 @@ def align(v: int, a: int = ALIGN) -> int:
     return (v + a - 1) // a * a
 
 
+# FFmpeg's parsers read up to AV_INPUT_BUFFER_PADDING_SIZE bytes past the
+# end of their input (av_parser_parse2: "the full buffer size is assumed to
+# be buf_size + AV_INPUT_BUFFER_PADDING_SIZE"), and PyAV's parse() hands
+# them the buffer it is given as is.
+PARSER_PADDING = 64
+
+
+def padded(data) -> memoryview:
+    """``data`` as a view whose memory goes on for PARSER_PADDING zero bytes
+    (make sanitize: ASan saw the parsers read 64 bytes past a bytes object)."""
+    buf = bytearray(len(data) + PARSER_PADDING)
+    buf[:len(data)] = data
+    return memoryview(buf)[:len(data)]
+
+
 @dataclass
 class Picture:
     """A decoded picture, visible size, with the timestamp of the input
@@ -387,7 +402,7 @@ class PyAVSession(DecodeSession):
         self.chunks.append((self.fed, timestamp))
         self.fed += len(data)
         try:
-            packets = self.ctx.parse(data)
+            packets = self.ctx.parse(padded(data))
         except self._av.error.FFmpegError as e:
             raise DecodeError(str(e)) from e
         return self._pictures(packets)
