@@ -451,6 +451,44 @@ def test_set_params_leaves_the_message_the_thread_plays_out_to_it(tmp_path, monk
         card.model.close()
 
 
+def test_a_queued_message_is_the_only_holder_of_its_views(card, monkeypatch):
+    """Once a message is queued, the pacing thread may complete it at once,
+    and completing kills its views: queue_message kept its own references
+    to them (the payload list, the status slice) until it returned, so a
+    thread that won the race completed a request whose views were still
+    alive (the protocol fuzzer's stale-view oracle, once in 2 million
+    inputs).  The thread drops the message's views before completing: then
+    nothing else may hold them."""
+    assert card.set_params() == p.Status.OK
+    assert card.op(p.Code.PCM_PREPARE) == p.Status.OK
+    stream = card.model.streams[0]
+    notify = stream._cond.notify_all
+    kept: list[bool] = []
+
+    def thread_wins_the_race() -> None:
+        notify()
+        msg = stream._queue[-1]
+        msg.payload = []                        # what _transfer does first
+        for view in msg.request.readable + msg.request.writable:
+            view.release()                      # the request's own views
+        alive = False
+        for buf in msg.request._out + msg.request._in:
+            try:
+                buf.append(0)                   # refused while any slice is alive
+                buf.pop()
+            except BufferError:
+                alive = True
+        kept.append(alive)
+
+    monkeypatch.setattr(stream._cond, "notify_all", thread_wins_the_race)
+    # Header and frames in one buffer, status after frames in one: both sliced.
+    request = FakeRequest([struct.pack("<I", 0) + bytes(960)], [8], queue=p.TX_QUEUE)
+    card.model.handle_request(p.TX_QUEUE, request)
+    monkeypatch.undo()
+    stream._queue.clear()
+    assert kept == [False], "queue_message still held views of the queued message"
+
+
 # -- capture -------------------------------------------------------------------------------
 def test_capture_of_a_wav_file_is_bit_exact_and_paced(tmp_path):
     source = signal(PERIOD_FRAMES * 4 * 5, seed=9)

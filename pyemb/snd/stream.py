@@ -266,8 +266,12 @@ class PcmStream:
             raise ProtocolError(p.Status.BAD_MSG,
                                 f"stream {self.id}: {nbytes} bytes of PCM is not whole "
                                 f"frames within the buffer")
+        message = Message(request, payload, nbytes)
+        # Once queued, the thread may complete it at once, and completing
+        # kills its views: none may stay referenced here.
+        del payload, status
         with self._cond:
-            self._queue.append(Message(request, payload, nbytes))
+            self._queue.append(message)
             self._queued_bytes += nbytes
             self._cond.notify_all()
 
