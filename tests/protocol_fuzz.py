@@ -1010,7 +1010,7 @@ def minimise(device: str, seed: int, finding: Finding, start: int, batch: int = 
         if lo == start or hi - start > MAX_FULL_REPLAY or \
                 not reproduces(device, seed, start, hi, finding.kind, batch):
             log(f"  not reproduced by a replay of [{lo}, {hi})")
-            return start, hi, False
+            return lo, hi, False
         lo = start
     step = (hi - lo) // 2
     while step >= 1 and time.monotonic() < t_end:
@@ -1034,11 +1034,14 @@ def save_case(device: str, seed: int, start: int, stop: int, finding: Finding,
     inputs as they went (a replay of them, should the generators change)."""
     corpus.mkdir(parents=True, exist_ok=True)
     record: list[Input] = []
-    run(device, seed, start, stop, batch=batch, record=record)
+    if stop - start <= MAX_FULL_REPLAY:
+        run(device, seed, start, stop, batch=batch, record=record)
     case = {"device": device, "seed": seed, "start": start, "stop": stop,
             "tripped": finding.kind, "detail": finding.detail[:4000],
             "reproduced": reproduced, "found": time.strftime("%Y-%m-%d"),
-            "generator": GENERATOR, "batch": batch, "inputs": pack_inputs(record)}
+            "generator": GENERATOR, "batch": batch}
+    if record:
+        case["inputs"] = pack_inputs(record)
     if note:
         case["note"] = note
     path = corpus / f"{device}-{seed}-{start}-{stop}.json"
