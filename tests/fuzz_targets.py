@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 SLOT = 32 << 10                 # library slot: one packet, zeros after it
 LIBRARY = 8 << 20               # the library's part of the pool; scratch after it
+POOL_SCRATCH = 56 << 20         # the scratch part of the pool
 SCRATCH_SLOT = 256 << 10
 
 
@@ -87,6 +88,24 @@ class Target:
 
     def submitted(self, op: Op) -> None:
         """``op`` (as mutated) went to the device."""
+
+    def keep_off_driver(self, fz: Fuzzer, op: Op) -> None:
+        """Guest memory ``op`` (as mutated) names for the device to write
+        into must not be the driver's own rings and buffers: a guest that
+        points its device at them corrupts itself, and nothing the oracles
+        see after that is the device's doing.  Devices that take guest
+        addresses in their commands move such ranges into the pool."""
+
+    @staticmethod
+    def _move_ranges(fz: Fuzzer, data: bytearray, start: int, step: int) -> None:
+        """Every (le64 address, le32 length) at ``start`` + k * ``step``
+        that overlaps the driver's memory moves into the pool's scratch."""
+        lo, hi = fz.rings[0].desc, fz.arena.end
+        for off in range(start, len(data) - 11, step):
+            addr, length = struct.unpack_from("<QI", data, off)
+            if addr < hi and addr + max(length, 1) > lo:
+                struct.pack_into("<Q", data, off,
+                                 fz.pool + LIBRARY + (addr % (POOL_SCRATCH // 2)) // 4096 * 4096)
 
     def probe(self, fz: Fuzzer) -> str | None:
         """A known-good request: None if it was answered as it should be."""
@@ -509,6 +528,13 @@ class Video(Target):
                 and int.from_bytes(data[:4], "little") == vp.Resp.OK_NODATA):
             sid, queue, rid, slot = op.note
             self.resources[(sid, queue, rid)] = slot
+
+    def keep_off_driver(self, fz: Fuzzer, op: Op) -> None:
+        if (op.queue == vp.COMMAND_QUEUE and len(op.out) > vp.RESOURCE_CREATE.size
+                and int.from_bytes(op.out[:4], "little") == vp.Cmd.RESOURCE_CREATE):
+            data = bytearray(op.out)
+            self._move_ranges(fz, data, vp.RESOURCE_CREATE.size, vp.MEM_ENTRY.size)
+            op.out = bytes(data)
 
     def submitted(self, op: Op) -> None:
         """Streams a STREAM_CREATE may have made (whatever comes back)."""
@@ -972,6 +998,16 @@ class Media(Target):
                     offset = v4l2.Plane.parse(data[8 + C.sizeof(v4l2.Buffer):]).m.mem_offset
                 if offset not in self.offsets:
                     self.offsets = [*self.offsets[-31:], offset]
+
+    def keep_off_driver(self, fz: Fuzzer, op: Op) -> None:
+        # USERPTR scatter lists follow the v4l2_buffer and its planes (at an
+        # offset that is 8 mod 16): every 8 bytes after the buffer is looked at.
+        head = mp.IOCTL.size + C.sizeof(v4l2.Buffer)
+        if (op.queue == mp.COMMAND_QUEUE and len(op.out) > head
+                and int.from_bytes(op.out[:4], "little") == mp.Cmd.IOCTL):
+            data = bytearray(op.out)
+            self._move_ranges(fz, data, head, 8)
+            op.out = bytes(data)
 
     def submitted(self, op: Op) -> None:
         if len(op.out) >= 8 and int.from_bytes(op.out[:4], "little") == mp.Cmd.OPEN:

@@ -51,7 +51,7 @@ of ``batch``, and at the end):
 finding; ``minimise`` bisects a finding's range; corpus cases are JSON files
 in :data:`CORPUS` (see ``bench/protocol_fuzz.py``): the range, what tripped,
 and the inputs as they went (replayed instead of the range once the
-generators change: :data:`GENERATOR`).  Rates on this 2-core machine, shared:
+generators change: :data:`GENERATORS`).  Rates on this 2-core machine, shared:
 see README.md, "Tests and benchmarks".
 """
 
@@ -90,10 +90,11 @@ from tests.hostdriver.virtio import (
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "tests" / "fuzz-corpus" / "protocol"
 DEVICES = ("snd", "video-decoder", "video-encoder", "media-camera", "media-decoder")
-# Which inputs a (device, seed, index) names: bump it with any change to
-# tests/fuzz_targets.py or to the mutator that changes them, so that older
-# corpus cases replay their recorded inputs instead.
-GENERATOR = 1
+# Which inputs a (device, seed, index) names: bump a device's with any change
+# to its generator (tests/fuzz_targets.py) or to the mutator that changes
+# them, so that older corpus cases replay their recorded inputs instead.
+GENERATORS = {"snd": 1, "video-decoder": 2, "video-encoder": 2, "media-camera": 2,
+              "media-decoder": 2}
 
 BATCH = 500                 # inputs between checkpoints
 PROMPT_S = 5.0              # a request answered at once: within this
@@ -757,6 +758,7 @@ class Fuzzer:
         if op.mutate:
             mutate_writable(rng, op)
             op.prompt = self.target.prompt(op)      # what the mutated bytes ask for
+            self.target.keep_off_driver(self, op)
         return Input(op, pieces(rng, len(op.out)), pieces(rng, op.in_size),
                      rng.random() < INDIRECT_RATE, rng.random() < KICK_RATE)
 
@@ -1039,7 +1041,7 @@ def save_case(device: str, seed: int, start: int, stop: int, finding: Finding,
     case = {"device": device, "seed": seed, "start": start, "stop": stop,
             "tripped": finding.kind, "detail": finding.detail[:4000],
             "reproduced": reproduced, "found": time.strftime("%Y-%m-%d"),
-            "generator": GENERATOR, "batch": batch}
+            "generator": GENERATORS[device], "batch": batch}
     if record:
         case["inputs"] = pack_inputs(record)
     if note:
@@ -1058,7 +1060,7 @@ def replay_case(case: dict[str, Any]) -> Report:
     """A corpus case again: by (device, seed, range) while the generators
     are those that made it, else the inputs it recorded."""
     batch = case.get("batch", BATCH)
-    if case.get("generator") == GENERATOR or "inputs" not in case:
+    if case.get("generator") == GENERATORS[case["device"]] or "inputs" not in case:
         return run(case["device"], case["seed"], case["start"], case["stop"], batch=batch)
     return run(case["device"], case["seed"], case["start"], case["stop"], batch=batch,
                inputs=unpack_inputs(case["inputs"]))
