@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import weakref
 from typing import Any
 
 # Decoder output formats whose samples are 8-bit 4:2:0 planar (yuvj420p is
@@ -119,7 +120,12 @@ class Converter:
     microseconds, on the worker's serial path)."""
 
     def __init__(self) -> None:
-        self._ctx: int | None = None
+        # The scaler context, in a box that outlives the converter: freed by
+        # close(), and when the converter goes (a picture keeps its session's
+        # converter and may be written after the session closed it: that
+        # makes a new context, which nothing else would free).
+        self._box: list[int | None] = [None]
+        weakref.finalize(self, _free_context, self._box)
         self._ctx_key: tuple[str, str, int, int] | None = None
         self._fits_key: tuple[Any, ...] | None = None
         self._src = (ctypes.c_void_p * 4)()
@@ -180,25 +186,29 @@ class Converter:
         sws, formats = lib
         ctx_key = (source, target, width, height)
         if ctx_key != self._ctx_key:
-            self._ctx = sws.sws_getCachedContext(
-                self._ctx, width, height, formats[source], width, height,
+            self._box[0] = sws.sws_getCachedContext(
+                self._box[0], width, height, formats[source], width, height,
                 formats[target], SWS_POINT, None, None, None)
-            self._ctx_key = ctx_key if self._ctx else None
-            if not self._ctx:
+            self._ctx_key = ctx_key if self._box[0] else None
+            if not self._box[0]:
                 return False
         for addrs, strides, planes in ((self._src, self._src_strides, src_planes),
                                        (self._dst, self._dst_strides, dst_planes)):
             for i, (address, stride) in enumerate(planes):
                 addrs[i] = address
                 strides[i] = stride
-        sws.sws_scale(self._ctx, self._src, self._src_strides, 0, height, self._dst,
+        sws.sws_scale(self._box[0], self._src, self._src_strides, 0, height, self._dst,
                       self._dst_strides)
         return True
 
     def close(self) -> None:
-        if self._ctx:
-            lib = _load()
-            if lib is not None:
-                lib[0].sws_freeContext(self._ctx)
-        self._ctx = None
+        _free_context(self._box)
         self._ctx_key = None
+
+
+def _free_context(box: list[int | None]) -> None:
+    if box[0]:
+        lib = _load()
+        if lib is not None:
+            lib[0].sws_freeContext(box[0])
+    box[0] = None
