@@ -5,7 +5,7 @@ VENV ?= $(CURDIR)/.venv
 export PYEMB_VENV := $(VENV)
 PYTHON := $(VENV)/bin/python
 
-.PHONY: setup build test demo lint bench clean
+.PHONY: setup build test demo lint bench clean sanitizers sanitize
 
 setup:
 	bash ci/setup-host.sh
@@ -36,6 +36,18 @@ bench: build
 	$(PYTHON) -m bench.media_capture
 	$(PYTHON) -m bench.snd_pacing
 	$(PYTHON) -m bench.soak
+
+# The ASan + UBSan + libFuzzer build (clang 14, its own tree in the cache,
+# build/qemu-sanitizers); make test never needs it.
+sanitizers:
+	bash ci/setup-host.sh --sanitizers
+	bash ci/setup-venv.sh
+	bash ci/build-qemu.sh --sanitizers
+
+# The qtest tier on the sanitizer build: any ASan, LeakSanitizer or UBSan
+# report from QEMU fails the run.
+sanitize: sanitizers
+	$(PYTHON) ci/sanitizers.py
 
 # The project's own protocol fuzzer on the host driver (bench/protocol_fuzz.py),
 # FUZZ_SECONDS per device (PROTOCOL_FUZZ_DEVICES: a subset); findings are kept

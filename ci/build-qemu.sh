@@ -11,15 +11,44 @@
 #
 # Afterwards build/qemu in the repository points at the build directory, and
 # build/qemu/pyemb.conf names the virtual environment the shim must use.
+#
+# ci/build-qemu.sh --sanitizers builds the same patched source with the same
+# options, in its own tree in the cache (…-sanitizers, linked as
+# build/qemu-sanitizers), with clang 14, ASan and UBSan, and QEMU's libFuzzer
+# targets: one set of objects serves both qemu-system-* (make sanitize runs
+# the qtest tier on them) and qemu-fuzz-x86_64 (make fuzz: generic-fuzz; it
+# loads hw-pyemb-devices.so like the emulators, and libFuzzer counts the
+# module's coverage too).  ci/setup-host.sh --sanitizers installs clang.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cache=${PYEMB_CACHE:-$HOME/.cache/pyemb}
 venv=${PYEMB_VENV:-$repo/.venv}
+variant=normal
+case "${1:-}" in
+    "") ;;
+    --sanitizers) variant=sanitizers ;;
+    *) echo "usage: ci/build-qemu.sh [--sanitizers]" >&2; exit 2 ;;
+esac
 targets=x86_64-softmmu,aarch64-softmmu
 binaries=(qemu-system-x86_64 qemu-system-aarch64)
 # With --enable-modules the pyemb devices (and libpython) live in a module
 # that QEMU loads only when a pyemb device is asked for.
 products=("${binaries[@]}" hw-pyemb-devices.so)
+variant_flags=(--enable-modules)
+tree_suffix=
+link_name=qemu
+cold_minutes=9
+if [ "$variant" = sanitizers ]; then
+    command -v clang-14 >/dev/null || {
+        echo "build-qemu: clang-14 is missing: run ci/setup-host.sh --sanitizers" >&2; exit 1; }
+    binaries+=(qemu-fuzz-x86_64)
+    products+=(qemu-fuzz-x86_64)
+    variant_flags+=(--cc=clang-14 --cxx=clang++-14
+                    --enable-asan --enable-ubsan --enable-fuzzing)
+    tree_suffix=-sanitizers
+    link_name=qemu-sanitizers
+    cold_minutes=25
+fi
 
 log() { echo "build-qemu: $*"; }
 
@@ -37,7 +66,7 @@ version=$(basename "$dsc" .dsc); version=${version#qemu_}
 
 # 2. Unpacked and patched source tree, keyed by version and patch series.
 patch_hash=$( (cat "$repo/qemu-patches/series"; for p in $(grep -v '^#' "$repo/qemu-patches/series"); do cat "$repo/qemu-patches/$p"; done) | sha256sum | cut -c1-12)
-work=$cache/qemu-$version-$patch_hash
+work=$cache/qemu-$version-$patch_hash$tree_suffix
 src=$work/src
 build=$work/build
 if [ ! -f "$src/.pyemb-patched" ]; then
@@ -66,7 +95,7 @@ configure_flags=(
     --python="$cache/tools-venv/bin/python3"
     --disable-docs --disable-tools --disable-guest-agent --disable-werror
     --disable-install-blobs
-    --enable-fdt=system --enable-trace-backends=log --enable-modules
+    --enable-fdt=system --enable-trace-backends=log "${variant_flags[@]}"
 )
 shim_hash=$( (printf '%s\n' "${configure_flags[@]}"; cat "$repo"/c-shim/*) | sha256sum | cut -c1-16)
 up_to_date=1
@@ -84,7 +113,7 @@ else
             tail -n 40 "$build/configure.log" >&2; exit 1; }
         echo "${configure_flags[*]}" > "$build/.pyemb-configured"
     fi
-    log "building ${binaries[*]} and modules (a cold build takes about 9 minutes on 2 cores)"
+    log "building ${binaries[*]} and modules (a cold build takes about $cold_minutes minutes on 2 cores)"
     # The emulators and the modules they load; not QEMU's own tests.
     modules=$(ninja -C "$build" -t targets all | sed -n 's/^\([A-Za-z0-9_-]*\.so\):.*/\1/p')
     # shellcheck disable=SC2086 # one word per module
@@ -172,5 +201,5 @@ done
 #    repository a stable path to the binaries.
 printf 'venv=%s\n' "$venv" > "$build/pyemb.conf"
 mkdir -p "$repo/build"
-ln -sfn "$build" "$repo/build/qemu"
-log "binaries in $repo/build/qemu/"
+ln -sfn "$build" "$repo/build/$link_name"
+log "binaries in $repo/build/$link_name/"

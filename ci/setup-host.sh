@@ -2,6 +2,10 @@
 # Installs every Debian package pyemb needs to build QEMU and run its tests, and
 # adds the Debian trixie deb-src entry that the QEMU 10.0.x source comes from.
 # Idempotent: a second run with everything present takes about a second.
+#
+# ci/setup-host.sh --sanitizers also installs clang and its runtimes (ASan,
+# UBSan, libFuzzer) for ci/build-qemu.sh --sanitizers (make sanitize, make
+# fuzz); make test does not ask for them.
 set -euo pipefail
 
 packages=(
@@ -15,6 +19,11 @@ packages=(
     # the arm64 guest: its virtio-video driver and our client cross-built
     gcc-aarch64-linux-gnu libc6-dev-arm64-cross
 )
+if [ "${1:-}" = --sanitizers ]; then
+    # bookworm's clang 14; libclang-rt-14-dev holds the sanitizer runtimes
+    # and libFuzzer (a Recommends, which --no-install-recommends leaves out).
+    packages+=(clang-14 libclang-rt-14-dev llvm-14)
+fi
 
 sudo_cmd=()
 [ "$(id -u)" = 0 ] || sudo_cmd=(sudo)

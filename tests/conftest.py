@@ -34,16 +34,19 @@ def pytest_collection_modifyitems(config, items):
 def _sanitizer_reports() -> Iterator[None]:
     """Under ``make sanitize`` (ci/sanitizers.py): fail the test during which
     a QEMU wrote a sanitizer report (ASan, LeakSanitizer at exit, UBSan) to
-    PYEMB_SANITIZER_LOGS, whatever the test made of QEMU's exit or stderr."""
+    PYEMB_SANITIZER_LOGS, whatever the test made of QEMU's exit or stderr.
+    A QEMU's log file appears when it starts; a module's machine writes its
+    report into it later, during whichever test stops it."""
     log_dir = os.environ.get("PYEMB_SANITIZER_LOGS")
     if not log_dir:
         yield
         return
-    from ci.sanitizers import reports
+    from ci.sanitizers import log_sizes, reports
 
-    before = set(os.listdir(log_dir))
+    before = log_sizes(log_dir)
     yield
-    found = reports(log_dir, sorted(set(os.listdir(log_dir)) - before))
+    found = reports(log_dir, [name for name, size in log_sizes(log_dir).items()
+                              if size != before.get(name)])
     if found:
         pytest.fail("sanitizer report(s) from QEMU:\n"
                     + "\n".join(f"--- {name}\n{text}" for name, text in found), pytrace=False)
