@@ -54,10 +54,17 @@ sanitize: sanitizers
 # in tests/fuzz-corpus/protocol/ and replayed by make test.  make fuzz runs it.
 FUZZ_SECONDS ?= 300
 PROTOCOL_FUZZ_DEVICES ?=
-.PHONY: fuzz protocol-fuzz
-fuzz: protocol-fuzz
+.PHONY: fuzz protocol-fuzz generic-fuzz
+fuzz: protocol-fuzz generic-fuzz
 protocol-fuzz: build
 	$(PYTHON) -m bench.protocol_fuzz --seconds $(FUZZ_SECONDS) $(PROTOCOL_FUZZ_DEVICES)
+
+# QEMU's generic-fuzz (ci/generic_fuzz.py) on the sanitizer build, FUZZ_SECONDS
+# per device (GENERIC_FUZZ_DEVICES: a subset); findings are kept in
+# tests/fuzz-corpus/generic/ and replayed by make test.  make fuzz runs it too.
+GENERIC_FUZZ_DEVICES ?=
+generic-fuzz: sanitizers
+	$(PYTHON) ci/generic_fuzz.py --seconds $(FUZZ_SECONDS) $(GENERIC_FUZZ_DEVICES)
 
 clean:
 	rm -rf build .venv
