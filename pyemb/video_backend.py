@@ -410,9 +410,18 @@ class PyAVSession(DecodeSession):
     def flush(self) -> list[Picture]:
         pictures = self._decode_packets(self.ctx.parse(None))
         pictures += self._decode_packets([None])
-        # Ready for more after a drain: the parser is flushed, the decoder too.
-        self.ctx.flush_buffers()
-        self.timestamps.clear()
+        # Ready for more after a drain: the parser is flushed, the decoder
+        # too; a VP9 one is made anew (the pictures out keep what they refer
+        # to).  FFmpeg 8's frame-threaded VP9 decoder, reused after EOF and
+        # avcodec_flush_buffers, jumped to a null pointer at the next inter
+        # frame: a guest's drain and more input killed QEMU (SIGSEGV; found
+        # by the protocol fuzzer).  A VP9 stream resumes at a keyframe, which
+        # carries its headers; H.264 and HEVC keep their parameter sets.
+        if self.codec_name == "vp9":
+            self._open()
+        else:
+            self.ctx.flush_buffers()
+            self.timestamps.clear()
         return pictures
 
     def reset(self) -> None:
