@@ -94,6 +94,22 @@ class GuestResult:
         return match.group(1)
 
 
+def timeout_report(out: bytes | str) -> str:
+    """What a hung guest's console says that matters: the last section it
+    reached, the guest kernel's first complaint (an oops that held a lock
+    hangs every later step), and the tail."""
+    text = out.decode(errors="replace") if isinstance(out, bytes) else out
+    lines = text.replace("\r", "").split("\n")
+    sections = [line for line in lines if line.startswith("== ")]
+    report = [f"last section: {sections[-1] if sections else '(none)'}"]
+    complaint = re.compile(r"cut here|BUG|Oops|corruption|timed out|WARNING|Call Trace")
+    first = next((i for i, line in enumerate(lines) if complaint.search(line)), None)
+    if first is not None:
+        report += ["first kernel complaint:", *lines[max(0, first - 5):first + 40]]
+    report += ["tail:", *lines[-30:]]
+    return "\n".join(report)
+
+
 def boot_guest(device_args: list[str], script: str, files: dict[str, bytes] | None = None,
                timeout: float = 120, env: dict[str, str] | None = None,
                memory: str = "256M", arch: str = "x86_64") -> GuestResult:
@@ -116,8 +132,8 @@ def boot_guest(device_args: list[str], script: str, files: dict[str, bytes] | No
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                                   env=full_env, errors="replace")
         except subprocess.TimeoutExpired as e:
-            tail = (e.stdout or b"")[-3000:]
-            raise AssertionError(f"guest did not finish in {timeout} s:\n{tail!r}") from None
+            raise AssertionError(f"guest did not finish in {timeout} s:\n"
+                                 + timeout_report(e.stdout or b"")) from None
         console = proc.stdout + proc.stderr
         match = DONE.search(console)
         assert match, f"guest ended without its marker (QEMU rc {proc.returncode}):\n{console}"

@@ -187,25 +187,41 @@ class HostDriverMedia:
         for _ in range(self.EVENT_BUFFERS):
             self.eventq.add([], [p.EVENT_SIZE])
         self.eventq.kick()
+        self.inbox: list[Event] = []        # taken in, not yet asked for
         self.client = MediaClient(self.send)
         regions = device.shm_regions
         self.region = regions.get(0)
 
     def send(self, readable: list[bytes], sizes: list[int]) -> bytes:
-        return self.commandq.call(readable, sizes).data
+        """A command and its answer; events that come meanwhile are taken
+        in (Linux's driver does, in its own work item: a STREAMOFF waits
+        for that) and kept for :meth:`events`."""
+        import time
+        self.commandq.add(readable, sizes)
+        self.commandq.kick()
+        deadline = time.monotonic() + 10
+        while (used := self.commandq.poll()) is None:
+            if not self._take_in():
+                assert time.monotonic() < deadline, "command never answered"
+                time.sleep(0.0001)
+        return used.data
+
+    def _take_in(self) -> bool:
+        used = self.eventq.poll()
+        if used is None:
+            return False
+        self.inbox.append(parse_event(used.data))
+        self.eventq.add([], [p.EVENT_SIZE])
+        self.eventq.kick()
+        return True
 
     def events(self, count: int, timeout: float = 10.0) -> list[Event]:
         import time
         deadline = time.monotonic() + timeout
-        got: list[Event] = []
-        while len(got) < count and time.monotonic() < deadline:
-            used = self.eventq.poll()
-            if used is None:
+        while len(self.inbox) < count and time.monotonic() < deadline:
+            if not self._take_in():
                 time.sleep(0.001)
-                continue
-            got.append(parse_event(used.data))
-            self.eventq.add([], [p.EVENT_SIZE])
-            self.eventq.kick()
+        got, self.inbox = self.inbox[:count], self.inbox[count:]
         return got
 
     def read_region(self, offset: int, length: int) -> bytes:

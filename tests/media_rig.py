@@ -17,7 +17,8 @@ class Rig:
     """A device of ``role`` (camera or decoder), its event buffers and a client."""
 
     def __init__(self, config: dict | None = None, shm: int = 64 << 20, role: str = "camera",
-                 backend_class: type | None = None, ram: int = 16 << 20) -> None:
+                 backend_class: type | None = None, ram: int = 16 << 20,
+                 event_buffers: int = 16) -> None:
         self.handle = FakeHandle(ram_size=ram)
         self.handle.shared_memory = memoryview(bytearray(shm)) if shm else None
         self.discarded: list[tuple[int, int]] = []
@@ -35,22 +36,29 @@ class Rig:
 
         self.dev.events.post = record
         self.event_buffers = []
+        self.inbox: list[Event] = []        # taken in, not yet polled
         self._used_seen = 0                 # how far poll() has read the used ring
         self.reply_at = 0                   # where the last command's reply is on it
-        for _ in range(16):
+        for _ in range(event_buffers):
             self.post_event_buffer()
         self.client = MediaClient(self.send)
 
     def send(self, readable: list[bytes], sizes: list[int]) -> bytes:
         request = self.handle.request(readable, sizes, p.COMMAND_QUEUE)
         self.handle.call(self.dev, p.COMMAND_QUEUE, request)
-        # A decoder session's thread may answer, after what it completed.
+        # A decoder session's thread may answer, after what it completed;
+        # a STREAMOFF is answered once the driver took in the events before
+        # it: they are, meanwhile, as Linux's event work item would.
         deadline = time.monotonic() + 5
         while True:
             with self.handle.bql:
-                if request in self.handle.used[self._used_seen:]:
-                    self.reply_at = self.handle.used.index(request, self._used_seen)
+                used = self.handle.used
+                if request in used[self._used_seen:]:
+                    self.reply_at = used.index(request, self._used_seen)
                     break
+                ahead = used[self._used_seen:]
+                self._used_seen = len(used)
+            self._take_in(ahead)
             assert time.monotonic() < deadline, "command never answered"
             time.sleep(0.0005)
         return request.reply
@@ -60,6 +68,15 @@ class Rig:
         self.event_buffers.append(request)
         self.handle.call(self.dev, p.EVENT_QUEUE, request)
 
+    def _take_in(self, used: list) -> None:
+        """The driver acts on events off the used ring: kept for poll(),
+        each buffer posted again."""
+        for request in used:
+            if request in self.event_buffers:
+                self.event_buffers.remove(request)
+                self.inbox.append(parse_event(request.reply))
+                self.post_event_buffer()
+
     def poll(self, before: int | None = None) -> list[Event]:
         """The events that reached the used ring since the last call, in its
         order (re-posting their buffers); ``before``: only those ahead of
@@ -68,13 +85,8 @@ class Rig:
             end = len(self.handle.used) if before is None else max(before, self._used_seen)
             new = self.handle.used[self._used_seen:end]
             self._used_seen = end
-        got = []
-        for request in new:
-            if request not in self.event_buffers:
-                continue                    # a command's
-            self.event_buffers.remove(request)
-            got.append(parse_event(request.reply))
-            self.post_event_buffer()
+        self._take_in(new)
+        got, self.inbox = self.inbox, []
         return got
 
     def events(self, count: int, timeout: float = 5.0) -> list[Event]:

@@ -186,6 +186,94 @@ def test_streamoff_takes_buffers_back_without_events_and_qbuf_twice_is_einval(ri
     c.qbuf(s, 1)                            # queued again after STREAMOFF
 
 
+def start_capture(rig: Rig, fourcc: str, width: int, height: int, count: int,
+                  queued: int | None = None) -> int:
+    """A session streaming ``count`` MMAP buffers (``queued`` of them queued)."""
+    c = rig.client
+    s = c.open()
+    c.s_fmt(s, fourcc, width, height)
+    c.reqbufs(s, count)
+    for i in range(count if queued is None else queued):
+        c.qbuf(s, i)
+    c.stream(s, True)
+    return s
+
+
+def raw_streamoff(rig: Rig, session: int):  # noqa: ANN201 - a FakeRequest
+    """STREAMOFF(CAPTURE) sent, its answer not waited for, no event taken in."""
+    t = v4l2.Int()
+    t.value = CAP
+    code = next(io.code for io in p.IOCTLS.values() if io.name == "streamoff")
+    request = rig.handle.request([p.IOCTL.pack(p.Cmd.IOCTL, 0, session, code), bytes(t)],
+                                 [p.HEADER.size], p.COMMAND_QUEUE)
+    rig.handle.call(rig.dev, p.COMMAND_QUEUE, request)
+    return request
+
+
+def wait_until(check, timeout: float = 5.0) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition never came"
+        time.sleep(0.002)
+
+
+def test_streamoff_is_answered_after_the_driver_took_in_the_dqbuf_events_before_it(rig):
+    """Linux's driver takes events in on a work item of its own and empties
+    its list of done buffers when STREAMOFF's answer comes: a DQBUF event
+    it took in after the answer would link a buffer twice (a kernel oops in
+    DQBUF).  So the answer waits for the driver to post those event
+    buffers again."""
+    s = start_capture(rig, "YUYV", 160, 120, 4)
+    wait_until(lambda: rig.dev.events.delivered >= 2)
+    request = raw_streamoff(rig, s)
+    time.sleep(0.2)
+    assert not request.done                 # the events are out, not taken in
+    got = rig.poll()                        # the driver acts on them, posts the buffers
+    assert len(got) >= 2 and all(e.kind == p.Evt.DQBUF for e in got)
+    wait_until(lambda: request.done)
+    assert int.from_bytes(request.reply[:4], "little") == 0
+    time.sleep(0.1)
+    assert rig.poll() == []                 # nothing after the answer
+
+
+def test_a_driver_that_keeps_its_event_buffers_gets_streamoff_answered_in_bounded_time(
+        rig, monkeypatch):
+    monkeypatch.setattr("pyemb.media.device.FENCE_TIMEOUT_S", 0.3)
+    s = start_capture(rig, "YUYV", 160, 120, 2, queued=1)
+    wait_until(lambda: rig.dev.events.delivered >= 1)
+    start = time.monotonic()
+    request = raw_streamoff(rig, s)
+    wait_until(lambda: request.done)
+    assert 0.25 <= time.monotonic() - start < 2
+
+
+def test_dqbuf_events_waiting_for_event_buffers_go_at_streamoff_and_close():
+    """A driver out of event buffers: what waits for one is not delivered
+    once the stream it is of stopped (STREAMOFF took the buffers back) or
+    its session closed; other sessions' events still are."""
+    rig = Rig(event_buffers=0)
+    try:
+        c = rig.client
+        b = c.open()
+        sub = v4l2.EventSubscription()
+        sub.type, sub.id = v4l2.EVENT_CTRL, v4l2.CID_BRIGHTNESS
+        c.ioctl(b, "subscribe_event", sub)
+        a = start_capture(rig, "YUYV", 160, 120, 3)
+        wait_until(lambda: len(rig.dev.events.pending) >= 3)
+        c.stream(a, False)
+        assert not rig.dev.events.pending
+        ctrl = v4l2.Control()
+        ctrl.id, ctrl.value = v4l2.CID_BRIGHTNESS, 10
+        c.ioctl(a, "s_ctrl", ctrl)          # an event for b
+        c.close(a)
+        for _ in range(4):
+            rig.post_event_buffer()
+        got = rig.events(4, timeout=0.3)
+        assert [(e.kind, e.session) for e in got] == [(p.Evt.EVENT, b)]
+    finally:
+        rig.close()
+
+
 def test_buffers_belong_to_one_session_and_format_is_busy_while_allocated(rig):
     c = rig.client
     a, b = c.open(), c.open()
@@ -396,13 +484,7 @@ def test_file_source_loops_the_clip_converted_to_the_guest_format(tmp_path):
                 for f in container.decode(video=0)]
     assert len(clip) == 5
     rig = Rig({"camera": {"source": "file", "path": path}})
-    c = rig.client
-    s = c.open()
-    c.s_fmt(s, "YUYV", 640, 480)
-    c.reqbufs(s, 8)
-    for i in range(8):
-        c.qbuf(s, i)
-    c.stream(s, True)
+    start_capture(rig, "YUYV", 640, 480, 8)
     events = rig.events(8)
     assert [rig.image(e) for e in events] == [clip[i % 5] for i in range(8)]
     assert len({e.buffer.sequence for e in events}) == 8

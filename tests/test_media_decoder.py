@@ -696,6 +696,23 @@ def test_decode_error_flags_exactly_that_output_buffer():
     rig.close()
 
 
+def test_sessions_opened_one_after_another_cannot_flood_the_log(caplog):
+    """Each session says a corrupt input once; the device's GuestLog bounds
+    them all (a guest opens sessions without end): 20 lines, then one a
+    minute."""
+    rig = scripted_rig()
+    try:
+        with caplog.at_level("WARNING", logger="pyemb"):
+            for _ in range(30):
+                g = Guest(rig, hint=(16, 16))
+                g.decode([b"\x10", b"\xee"])
+                g.close()
+    finally:
+        rig.close()
+    said = [r for r in caplog.records if "corrupt bitstream" in r.getMessage()]
+    assert len(said) == 20
+
+
 def test_an_engine_bug_ends_its_session_only():
     rig = scripted_rig()
     good, bad = Guest(rig, hint=(16, 16)), Guest(rig, hint=(16, 16))

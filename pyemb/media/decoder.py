@@ -97,7 +97,6 @@ import numpy as np
 
 from pyemb import log
 from pyemb.config import ConfigError, get_int, section
-from pyemb.device import write_all
 from pyemb.media import protocol as p
 from pyemb.media import v4l2
 from pyemb.media.buffers import MAX_BUFFERS, Buffer, BufferQueue, scatter
@@ -119,7 +118,6 @@ from pyemb.video_backend import (
 )
 
 if TYPE_CHECKING:
-    from pyemb.device import Request
     from pyemb.media.device import MediaDevice
 
 OUTPUT = v4l2.BUF_TYPE_VIDEO_OUTPUT_MPLANE
@@ -284,7 +282,7 @@ class DecoderSession(Session):
         self.warned: set[str] = set()
         self.acted = False            # the worker's _next_step completed or raised something
         self.unpushed = False         # the worker's batch holds completions (see answer_later)
-        self.deferred: list[tuple[Request, bytes]] = []     # ioctl answers the worker sends
+        self.deferred: list[Callable[[], None]] = []     # ioctl answers the worker sends
         # The worker's own.
         self.engine: DecodeSession | None = None
         self.engine_format: Format | None = None
@@ -298,11 +296,12 @@ class DecoderSession(Session):
         return super().ioctl(io, payload, extra)
 
     def warn(self, kind: str, message: str) -> None:
-        """Log what a guest caused once per session and kind."""
+        """Log what a guest caused once per session and kind, within the
+        device's budget (a guest can open sessions without end)."""
         if kind not in self.warned:
             self.warned.add(kind)
-            log.warning(f"virtio-media decoder session {self.id}: {message} "
-                        "(logged once per session)")
+            self.device.guest_log.warning(f"virtio-media decoder session {self.id}: {message} "
+                                          "(logged once per session)")
 
     # -- formats ------------------------------------------------------------------------
     def _queue(self, buf_type: int) -> BufferQueue:
@@ -639,11 +638,11 @@ class DecoderSession(Session):
             self.capture.free()
 
     # -- the worker thread ----------------------------------------------------------------
-    def answer_later(self, request: Request, reply: bytes) -> bool:
+    def answer_later(self, send: Callable[[], None]) -> bool:
         with self.lock:
             if not self.unpushed:
                 return False
-            self.deferred.append((request, reply))
+            self.deferred.append(send)
             return True
 
     def _pushed(self) -> None:
@@ -652,9 +651,8 @@ class DecoderSession(Session):
         with self.lock:
             self.unpushed = False
             deferred, self.deferred = self.deferred, []
-        for request, reply in deferred:
-            if not request.done:
-                request.complete(write_all(request, reply))
+        for send in deferred:
+            send()
 
     def _completing(self) -> None:
         """Under the lock, before the worker completes a buffer or raises

@@ -14,6 +14,16 @@ at least 100 opens);
 :data:`pyemb.media.buffers.MAX_BUFFERS` buffers per queue; MMAP buffers
 within the shared memory region (``shm-size``, then ENOMEM); 256 events
 waiting for event buffers (past that the oldest goes).
+
+STREAMOFF and REQBUFS are answered only once the driver has acted on the
+DQBUF events delivered before them, at most :data:`FENCE_TIMEOUT_S` later,
+and the waiting DQBUF events of that queue are dropped (the buffers come
+back by the STREAMOFF itself).  Linux's driver empties its list of done
+buffers when such an answer comes and frees its buffer array on REQBUFS,
+but takes events in on a work item of its own: an event that arrived
+after the answer would put a buffer back on the list, and the next one
+for that buffer links it twice (list corruption, a kernel oops in DQBUF).
+Its commands time out after 5 s, hence the bound.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ import errno
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from pyemb import log
 from pyemb.config import ConfigError, get_int, section
 from pyemb.device import DeviceHandle, DeviceModel, Request, read_all, write_all
 from pyemb.events import EventQueue
@@ -34,6 +45,9 @@ from pyemb.media.shm import SharedMemory
 
 MAX_EXT_CONTROLS = 1024           # V4L2_CID_MAX_CTRLS
 EVENT_BACKLOG = 256
+FENCE_TIMEOUT_S = 2.0
+# The ioctls after which the driver forgets the buffers of a queue.
+FENCED_IOCTLS = {"streamoff", "reqbufs"}
 
 
 class MediaDevice(DeviceModel):
@@ -48,9 +62,11 @@ class MediaDevice(DeviceModel):
         self.max_sessions = get_int(media, "max_sessions", 1024, 1, 65536, "media")
         self.shm = SharedMemory(handle)
         self.events = EventQueue(p.EVENT_SIZE, EVENT_BACKLOG)
+        self.guest_log = log.GuestLog()     # what the guest causes, bounded device-wide
         self.sessions: dict[int, Session] = {}
         self._next_session = 1
         self._answering: Session | None = None     # the session an IOCTL went to
+        self._fence: tuple[int, int] | None = None  # (session, queue) it cleared
         self.kind = self._make_kind(role, handle, config, backend_class)
         card = media.get("card", self.kind.card)
         if not isinstance(card, str):
@@ -96,7 +112,7 @@ class MediaDevice(DeviceModel):
     # -- commands -------------------------------------------------------------------
     def _command(self, request: Request) -> None:
         data = read_all(request)
-        self._answering = None
+        self._answering = self._fence = None
         reply = self._dispatch(data)
         if reply is None:                   # CLOSE: nothing to write
             request.complete(0)
@@ -104,10 +120,28 @@ class MediaDevice(DeviceModel):
         if request.writable_size < p.HEADER.size:   # a malformed chain: nothing to say
             request.complete(0)
             return
+        send = self._answer(request, reply, self._fence)
         session = self._answering
-        if session is not None and session.answer_later(request, reply):
+        if session is not None and session.answer_later(send):
             return                          # its thread answers, after what it completed
-        request.complete(write_all(request, reply))
+        send()
+
+    def _answer(self, request: Request, reply: bytes,
+                fence: tuple[int, int] | None) -> Callable[[], None]:
+        """What sends ``reply``: at once, or for a STREAMOFF or REQBUFS,
+        once the driver has taken in the events before it."""
+        def send() -> None:
+            if not request.done:            # else a reset took it
+                request.complete(write_all(request, reply))
+
+        if fence is None:
+            return send
+
+        def fenced() -> None:
+            self.events.drop(lambda e: p.dqbuf_event_queue(e) != fence)
+            self.events.after_acted_on(send, FENCE_TIMEOUT_S)
+
+        return fenced
 
     def _dispatch(self, data: bytes) -> bytes | None:
         if len(data) < p.HEADER.size:
@@ -146,9 +180,11 @@ class MediaDevice(DeviceModel):
     def _close(self, data: bytes) -> None:
         if len(data) < 12:
             return
-        session = self.sessions.pop(int.from_bytes(data[8:12], "little"), None)
+        session_id = int.from_bytes(data[8:12], "little")
+        session = self.sessions.pop(session_id, None)
         if session is not None:
             self.kind.close_session(session)
+            self.events.drop(lambda e: p.HEADER.unpack_from(e)[1] != session_id)
 
     def _ioctl(self, data: bytes) -> bytes:
         if len(data) < p.IOCTL.size:
@@ -167,6 +203,9 @@ class MediaDevice(DeviceModel):
             payload = io.payload()
         extra = body[io.size:] if io.direction & p.W else b""
         self._check_extra(io, payload, extra)
+        if io.name in FENCED_IOCTLS:
+            buf_type = payload.value if io.name == "streamoff" else payload.type
+            self._fence = (session_id, buf_type)
         try:
             tail = session.ioctl(io, payload, extra)
         except V4L2Error as e:

@@ -74,6 +74,14 @@ def dqbuf_event(session: int, buffer: v4l2.Buffer, planes: list[v4l2.Plane]) -> 
     return (HEADER.pack(Evt.DQBUF, session) + body).ljust(DQBUF_EVENT_SIZE, b"\0")
 
 
+def dqbuf_event_queue(payload: bytes) -> tuple[int, int] | None:
+    """The session and buffer type a DQBUF event is for; None for other events."""
+    event, session = HEADER.unpack_from(payload)
+    if event != Evt.DQBUF:
+        return None
+    return session, int.from_bytes(payload[HEADER.size + 4:HEADER.size + 8], "little")
+
+
 def v4l2_event(session: int, event: v4l2.Event) -> bytes:
     return HEADER.pack(Evt.EVENT, session) + bytes(event)
 

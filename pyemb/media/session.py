@@ -20,7 +20,8 @@ from pyemb.media import v4l2
 from pyemb.media.protocol import V4L2Error
 
 if TYPE_CHECKING:
-    from pyemb.device import Request
+    from collections.abc import Callable
+
     from pyemb.media.device import MediaDevice
 
 
@@ -49,9 +50,9 @@ class Session:
         """CMD_CLOSE or device reset: give back everything the session holds."""
         self.closed = True
 
-    def answer_later(self, request: Request, reply: bytes) -> bool:
+    def answer_later(self, send: Callable[[], None]) -> bool:
         """After an ioctl, on QEMU's main loop: True if the session's own
-        thread sends ``reply`` (completes ``request``) itself, because it has
+        thread calls ``send`` (which answers the ioctl) itself, because it has
         completed buffers or raised events that are not on the used ring yet
         (its batch is pushed when it ends): an answer pushed now would
         overtake them, and a DQBUF raised before a STREAMOFF would reach the
