@@ -58,7 +58,7 @@ FUZZER = BUILD / "qemu-fuzz-x86_64"
 TIMEOUT_S = 10              # an input that runs longer is a hang
 RSS_LIMIT_MB = 4096         # a process that grows past this is unbounded growth
 ARTIFACT = re.compile(r"^(crash|timeout|oom|leak|slow-unit)-[0-9a-f]+$")
-STATUS = re.compile(r"^#(\d+)\s+(\w+)\s.*?exec/s: (\d+) rss: (\d+)Mb")
+STATUS = re.compile(r"^#(\d+)\s+(\w+)\s+cov: (\d+) .*?exec/s: (\d+) rss: (\d+)Mb")
 LIBFUZZER = re.compile(r"^(#\d+\s|INFO: |stat::|Done \d+ runs|MS: |base unit: |Running: |"
                        r"Executed |Matching objects by name |This process will try |"
                        r"  \* |artifact_prefix=|Test unit written to |Base64: |"
@@ -127,7 +127,7 @@ def fuzz(device: str, seconds: int) -> dict:
            f"-timeout={TIMEOUT_S}", f"-rss_limit_mb={RSS_LIMIT_MB}", "-detect_leaks=0",
            "-print_final_stats=1", f"-artifact_prefix={regdir}/", str(corpus)]
     log_path = work / "last.log"
-    statuses: list[tuple[float, int, int, int]] = []     # (t, inputs, exec/s, rss)
+    statuses: list[tuple[float, int, int, int]] = []     # (t, inputs, cov, rss)
     lines: list[str] = []
     start = time.monotonic()
     next_print = start + 60
@@ -143,9 +143,9 @@ def fuzz(device: str, seconds: int) -> dict:
             lines.append(line)
             m = STATUS.match(line)
             if m:
-                statuses.append((time.monotonic() - start, int(m[1]), int(m[3]), int(m[4])))
+                statuses.append((time.monotonic() - start, int(m[1]), int(m[3]), int(m[5])))
             if time.monotonic() >= next_print and statuses:
-                t, n, rate, rss = statuses[-1]
+                t, n, _, rss = statuses[-1]
                 print(f"  {device}: {n} inputs in {t:.0f} s ({n / max(t, 1e-9):.0f}/s), "
                       f"rss {rss} MB", flush=True)
                 next_print += 60
@@ -159,6 +159,7 @@ def fuzz(device: str, seconds: int) -> dict:
         "device": device, "rc": rc, "seconds": elapsed, "inputs": inputs,
         "rate": inputs / elapsed if elapsed else 0.0,
         "new_units": stats.get("new_units_added", 0),
+        "cov": statuses[-1][2] if statuses else 0,
         "peak_rss_mb": stats.get("peak_rss_mb", 0),
         "rss_first_mb": statuses[0][3] if statuses else 0,
         "rss_last_mb": statuses[-1][3] if statuses else 0,
@@ -195,8 +196,9 @@ def main() -> int:
         r = fuzz(device, args.seconds)
         per_k = 1000 * r["qemu_lines"] / max(r["inputs"], 1)
         print(f"{device}: {r['inputs']} inputs in {r['seconds']:.0f} s = {r['rate']:.0f} "
-              f"inputs/s; corpus +{r['new_units']}; RSS {r['rss_first_mb']} -> "
-              f"{r['rss_last_mb']} MB (peak {r['peak_rss_mb']}); QEMU's stderr "
+              f"inputs/s; coverage {r['cov']} edges, corpus +{r['new_units']}; "
+              f"RSS {r['rss_first_mb']} -> {r['rss_last_mb']} MB (peak {r['peak_rss_mb']}); "
+              f"QEMU's stderr "
               f"{r['qemu_lines']} lines ({per_k:.1f} per 1000 inputs); exit {r['rc']}")
         for text, count in r["top"]:
             print(f"    {count:8d}x {text}")
