@@ -36,6 +36,7 @@ bench: build
 	$(PYTHON) -m bench.media_capture
 	$(PYTHON) -m bench.snd_pacing
 	$(PYTHON) -m bench.soak
+	$(PYTHON) -m bench.unplug_loop
 
 # The ASan + UBSan + libFuzzer build (clang 14, its own tree in the cache,
 # build/qemu-sanitizers); make test never needs it.
