@@ -356,6 +356,9 @@ class Chain:
     index: int              # the input that made it (-1: the driver's own)
     token: int = 0
     waiter: list[tuple[int, bytes]] | None = None     # the driver's own call waits on it
+    # (address, length, flags) as written, the indirect table's if any: what
+    # a NEEDS_RESET report compares guest memory with
+    written_descs: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 class Ring:
@@ -600,8 +603,12 @@ class Fuzzer:
                 last = i + 1 == len(descs)
                 DESC.pack_into(self.mm, t + 16 * i, addr, n, flags | (0 if last else DESC_F_NEXT),
                                0 if last else i + 1)
+            written = list(descs)
             descs = [(table, 16 * len(descs), DESC_F_INDIRECT)]
-        chain = Chain(op.queue, 0, [], blocks, sum(ins), op, index, self.serial, waiter)
+        else:
+            written = list(descs)
+        chain = Chain(op.queue, 0, [], blocks, sum(ins), op, index, self.serial, waiter,
+                      written)
         self.serial += 1
         ring.publish(chain, descs)
         self.unkicked.add(op.queue)
@@ -868,7 +875,48 @@ class Fuzzer:
                               f"{r.last_used}, {len(r.inflight)} in flight, QEMU: "
                               f"{self.queue_status(r.index)}" for r in self.rings)
             raise _finding("broken", f"the device set NEEDS_RESET (status 0x{status:x}); "
-                                     f"QEMU said: {self._stderr_tail()}; {rings}")
+                                     f"QEMU said: {self._stderr_tail()}; {rings}"
+                                     f"{self._chain_qemu_stopped_at()}")
+
+    def _chain_qemu_stopped_at(self) -> str:
+        """The chain each queue's QEMU popped last (at its last-avail-idx - 1):
+        which input made it, and its descriptors as written against guest
+        memory now.  A difference is a write by the device (or the model)
+        into memory the driver had not given it: the once-in-a-million
+        "zero sized buffers" NEEDS_RESET is still unexplained."""
+        out = []
+        for ring in self.rings:
+            m = re.search(r"last-avail-idx (\d+)", self.queue_status(ring.index))
+            if m is None or int(m[1]) == 0:
+                continue
+            a = ring.avail - self.base
+            head = U16.unpack_from(self.mm, a + 4 + 2 * ((int(m[1]) - 1) % ring.size))[0]
+            chain = ring.inflight.get(head)
+            if chain is None:
+                out.append(f"queue {ring.index}: head {head} is not a chain in flight")
+                continue
+            now = self._descriptors_now(ring, head)
+            out.append(f"queue {ring.index}: head {head}, input {chain.index} "
+                       f"{chain.op.kind}{chain.op.mutated}, written {chain.written_descs}, "
+                       f"in memory now {now}"
+                       + (" (changed)" if now != chain.written_descs else ""))
+        return "; last chains popped: " + "; ".join(out) if out else ""
+
+    def _descriptors_now(self, ring: Ring, head: int) -> list[tuple[int, int, int]]:
+        d, entries, i = ring.desc - self.base, [], head
+        for _ in range(ring.size):
+            addr, length, flags, nxt = DESC.unpack_from(self.mm, d + 16 * i)
+            if flags & DESC_F_INDIRECT:
+                t = addr - self.base
+                for j in range(min(length // 16, 64)):
+                    a_, n_, f_, _ = DESC.unpack_from(self.mm, t + 16 * j)
+                    entries.append((a_, n_, f_ & ~DESC_F_NEXT))
+                return entries
+            entries.append((addr, length, flags & ~DESC_F_NEXT))
+            if not flags & DESC_F_NEXT:
+                break
+            i = nxt % ring.size
+        return entries
 
     def _stderr_tail(self, n: int = 1500) -> str:
         with open(self.machine.stderr_path, "rb") as f:

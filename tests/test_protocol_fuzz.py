@@ -43,3 +43,29 @@ def test_a_short_seeded_run_trips_no_oracle(device):
     assert not report.findings, str(report.findings[0])
     assert report.inputs >= 0.9 * SHORT[device], f"{report.skipped} inputs found no room"
     assert report.rss_kb, "no checkpoint ran"
+
+
+def test_a_broken_device_report_names_the_chain_and_what_changed_in_it():
+    """The oracle for QEMU's NEEDS_RESET names the chain QEMU stopped at and
+    compares its descriptors with what the driver wrote: here a descriptor
+    the driver zeroed after publishing it (as a stray write would)."""
+    from tests.protocol_fuzz import DESC, Fuzzer, FuzzError, Op
+
+    fz = Fuzzer("media-camera", SEED)
+    fz.start()
+    try:
+        fz.poll()
+        op = Op("open", 0, b"\x01\0\0\0\0\0\0\0", 16)
+        chain = fz.submit(op, 7)
+        ring = fz.rings[0]
+        d = ring.desc - fz.base + 16 * chain.head
+        addr, _, flags, nxt = DESC.unpack_from(fz.mm, d)
+        DESC.pack_into(fz.mm, d, addr, 0, flags, nxt)
+        fz.kick()
+        with pytest.raises(FuzzError) as e:
+            fz._check_broken()     # noqa: SLF001 - the oracle itself
+        text = str(e.value)
+        assert "zero sized buffers" in text and "input 7 open" in text, text
+        assert "(changed)" in text, text
+    finally:
+        fz.close()
