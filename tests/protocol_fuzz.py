@@ -891,12 +891,17 @@ class Fuzzer:
                 continue
             a = ring.avail - self.base
             head = U16.unpack_from(self.mm, a + 4 + 2 * ((int(m[1]) - 1) % ring.size))[0]
+            # QEMU's shadow-avail-idx was 0 in every such finding: did the
+            # avail ring in memory say so (a stray write), or not?
+            idx_now = U16.unpack_from(self.mm, a + 2)[0]
             chain = ring.inflight.get(head)
             if chain is None:
-                out.append(f"queue {ring.index}: head {head} is not a chain in flight")
+                out.append(f"queue {ring.index}: avail idx in memory {idx_now}, head {head} "
+                           "is not a chain in flight")
                 continue
             now = self._descriptors_now(ring, head)
-            out.append(f"queue {ring.index}: head {head}, input {chain.index} "
+            out.append(f"queue {ring.index}: avail idx in memory {idx_now}, head {head}, "
+                       f"input {chain.index} "
                        f"{chain.op.kind}{chain.op.mutated}, written {chain.written_descs}, "
                        f"in memory now {now}"
                        + (" (changed)" if now != chain.written_descs else ""))
