@@ -138,36 +138,27 @@ class ControlSet:
     def __len__(self) -> int:
         return len(self.controls)
 
-    def get(self, command: bytes) -> tuple[int, Control]:
-        if len(command) < p.CTL_HDR.size:
-            raise ProtocolError(p.Status.BAD_MSG, "short control element request")
-        _, cid = p.CTL_HDR.unpack_from(command)
-        if cid >= len(self.controls):
-            raise ProtocolError(p.Status.BAD_MSG, f"no control element {cid}")
-        return cid, self.controls[cid]
+    def get(self, control_id: int) -> Control:
+        if control_id >= len(self.controls):
+            raise ProtocolError(p.Status.BAD_MSG, f"no control element {control_id}")
+        return self.controls[control_id]
 
-    def read(self, command: bytes) -> bytes:
-        if len(command) != p.CTL_HDR.size:
-            raise ProtocolError(p.Status.BAD_MSG, "CTL_READ of wrong size")
-        _, control = self.get(command)
+    def read(self, control_id: int) -> bytes:
+        control = self.get(control_id)
         with self._lock:
             return p.status_reply(p.Status.OK) + control.read()
 
-    def write(self, command: bytes) -> bytes:
-        if len(command) != p.CTL_HDR.size + p.CTL_VALUE_SIZE:
-            raise ProtocolError(p.Status.BAD_MSG, "CTL_WRITE of wrong size")
-        cid, control = self.get(command)
+    def write(self, control_id: int, value: bytes) -> bytes:
+        control = self.get(control_id)
         with self._lock:
-            changed = control.write(command[p.CTL_HDR.size:])
-        self._owners[cid].update()
+            changed = control.write(value)
+        self._owners[control_id].update()
         if changed:
-            self._notify(cid, 1 << p.CTL_EVT_MASK_VALUE)
+            self._notify(control_id, 1 << p.CTL_EVT_MASK_VALUE)
         return p.status_reply(p.Status.OK)
 
-    def tlv_read(self, command: bytes, reply_room: int) -> bytes:
-        if len(command) != p.CTL_HDR.size:
-            raise ProtocolError(p.Status.BAD_MSG, "CTL_TLV_READ of wrong size")
-        _, control = self.get(command)
+    def tlv_read(self, control_id: int, reply_room: int) -> bytes:
+        control = self.get(control_id)
         tlv = control.tlv()
         if not tlv:
             raise ProtocolError(p.Status.NOT_SUPP, f"{control.name} has no TLV")

@@ -15,6 +15,7 @@ from typing import Any
 from pyemb.config import ConfigError, section
 from pyemb.device import DeviceHandle, DeviceModel, ProtocolError, Request, write_all
 from pyemb.events import EventQueue
+from pyemb.snd import commands
 from pyemb.snd import protocol as p
 from pyemb.snd.card import CardConfig, parse_card
 from pyemb.snd.controls import ControlSet
@@ -114,86 +115,74 @@ class SoundDevice(DeviceModel):
             raise ProtocolError(p.Status.BAD_MSG, f"unknown request 0x{code:x}")
         if code >= p.Code.CTL_INFO and not self.ctls_negotiated:
             raise ProtocolError(p.Status.NOT_SUPP, "control elements not negotiated")
-        return handler(self, command, request)
+        return handler(self, commands.parse(command), request)
 
-    def query(self, command: bytes, request: Request, items: list[bytes],
+    def query(self, q: commands.Query, request: Request, items: list[bytes],
               item_size: int) -> bytes:
-        """JACK_INFO / PCM_INFO / CHMAP_INFO / CTL_INFO: {code, start_id, count, size}."""
-        if len(command) != p.QUERY_INFO.size:
-            raise ProtocolError(p.Status.BAD_MSG, "query of wrong size")
-        _, start, count, size = p.QUERY_INFO.unpack(command)
-        if size != item_size or count == 0 or start + count > len(items):
+        """JACK_INFO / PCM_INFO / CHMAP_INFO / CTL_INFO: the items asked for."""
+        if q.size != item_size or q.count == 0 or q.start_id + q.count > len(items):
             raise ProtocolError(p.Status.BAD_MSG, "query out of range")
-        if request.writable_size < p.HDR.size + count * size:
+        if request.writable_size < p.HDR.size + q.count * q.size:
             raise ProtocolError(p.Status.BAD_MSG, "reply buffer too small")
-        return p.status_reply(p.Status.OK) + b"".join(items[start:start + count])
+        return p.status_reply(p.Status.OK) + b"".join(items[q.start_id:q.start_id + q.count])
 
-    def _pcm_info(self, command: bytes, request: Request) -> bytes:
-        return self.query(command, request, [s.info.pack() for s in self.streams],
-                          p.PCM_INFO.size)
+    def _pcm_info(self, q: commands.Query, request: Request) -> bytes:
+        return self.query(q, request, [s.info.pack() for s in self.streams], p.PCM_INFO.size)
 
-    def _jack_info(self, command: bytes, request: Request) -> bytes:
+    def _jack_info(self, q: commands.Query, request: Request) -> bytes:
         items = [jack.info(connected)
                  for jack, connected in zip(self.card.jacks, self.jack_state, strict=True)]
-        return self.query(command, request, items, p.JACK_INFO.size)
+        return self.query(q, request, items, p.JACK_INFO.size)
 
-    def _jack_remap(self, command: bytes, request: Request) -> bytes:
-        if len(command) != p.JACK_REMAP.size:
-            raise ProtocolError(p.Status.BAD_MSG, "JACK_REMAP of wrong size")
-        _, jack_id, association, sequence = p.JACK_REMAP.unpack(command)
-        if jack_id >= len(self.card.jacks):
-            raise ProtocolError(p.Status.BAD_MSG, f"no jack {jack_id}")
-        if not self.card.jacks[jack_id].remap:
-            raise ProtocolError(p.Status.NOT_SUPP, f"jack {jack_id} cannot be remapped")
-        self.jack_remaps[jack_id] = (association, sequence)
+    def _jack_remap(self, remap: commands.JackRemap, request: Request) -> bytes:
+        if remap.jack_id >= len(self.card.jacks):
+            raise ProtocolError(p.Status.BAD_MSG, f"no jack {remap.jack_id}")
+        if not self.card.jacks[remap.jack_id].remap:
+            raise ProtocolError(p.Status.NOT_SUPP, f"jack {remap.jack_id} cannot be remapped")
+        self.jack_remaps[remap.jack_id] = (remap.association, remap.sequence)
         return p.status_reply(p.Status.OK)
 
-    def _chmap_info(self, command: bytes, request: Request) -> bytes:
-        return self.query(command, request, self.chmaps, p.CHMAP_INFO.size)
+    def _chmap_info(self, q: commands.Query, request: Request) -> bytes:
+        return self.query(q, request, self.chmaps, p.CHMAP_INFO.size)
 
-    def _stream(self, command: bytes) -> PcmStream:
-        _, stream_id = p.PCM_HDR.unpack_from(command)
+    def _stream(self, stream_id: int) -> PcmStream:
         if stream_id >= len(self.streams):
             raise ProtocolError(p.Status.BAD_MSG, f"no stream {stream_id}")
         return self.streams[stream_id]
 
-    def _pcm_set_params(self, command: bytes, request: Request) -> bytes:
-        if len(command) != p.PCM_SET_PARAMS.size:
-            raise ProtocolError(p.Status.BAD_MSG, "PCM_SET_PARAMS of wrong size")
-        self._stream(command).set_params(p.SetParams.unpack(command))
+    def _pcm_set_params(self, cmd: commands.PcmSetParams, request: Request) -> bytes:
+        self._stream(cmd.stream_id).set_params(cmd.params)
         return p.status_reply(p.Status.OK)
 
-    def _pcm_op(self, command: bytes, request: Request) -> bytes:
-        if len(command) != p.PCM_HDR.size:
-            raise ProtocolError(p.Status.BAD_MSG, "PCM request of wrong size")
-        stream = self._stream(command)
+    def _pcm_op(self, cmd: commands.PcmCommand, request: Request) -> bytes:
+        stream = self._stream(cmd.stream_id)
         op = {p.Code.PCM_PREPARE: stream.prepare, p.Code.PCM_START: stream.start,
               p.Code.PCM_STOP: stream.stop, p.Code.PCM_RELEASE: stream.release}
-        op[p.HDR.unpack_from(command)[0]]()
+        op[cmd.code]()
         return p.status_reply(p.Status.OK)
 
-    def _ctl_info(self, command: bytes, request: Request) -> bytes:
-        return self.query(command, request, [c.info() for c in self.controls.controls],
+    def _ctl_info(self, q: commands.Query, request: Request) -> bytes:
+        return self.query(q, request, [c.info() for c in self.controls.controls],
                           p.CTL_INFO.size)
 
-    def _ctl_enum_items(self, command: bytes, request: Request) -> bytes:
-        _, control = self.controls.get(command)
+    def _ctl_enum_items(self, cmd: commands.CtlCommand, request: Request) -> bytes:
+        control = self.controls.get(cmd.control_id)
         raise ProtocolError(p.Status.BAD_MSG, f"{control.name} is not an enumeration")
 
-    def _ctl_read(self, command: bytes, request: Request) -> bytes:
-        return self.controls.read(command)
+    def _ctl_read(self, cmd: commands.CtlCommand, request: Request) -> bytes:
+        return self.controls.read(cmd.control_id)
 
-    def _ctl_write(self, command: bytes, request: Request) -> bytes:
-        return self.controls.write(command)
+    def _ctl_write(self, cmd: commands.CtlCommand, request: Request) -> bytes:
+        return self.controls.write(cmd.control_id, cmd.value)
 
-    def _ctl_tlv_read(self, command: bytes, request: Request) -> bytes:
-        return self.controls.tlv_read(command, request.writable_size)
+    def _ctl_tlv_read(self, cmd: commands.CtlCommand, request: Request) -> bytes:
+        return self.controls.tlv_read(cmd.control_id, request.writable_size)
 
-    def _ctl_tlv_write(self, command: bytes, request: Request) -> bytes:
-        _, control = self.controls.get(command)
+    def _ctl_tlv_write(self, cmd: commands.CtlCommand, request: Request) -> bytes:
+        control = self.controls.get(cmd.control_id)
         raise ProtocolError(p.Status.NOT_SUPP, f"{control.name}: TLV is read-only")
 
-    _handlers_by_code: dict[int, Callable[[SoundDevice, bytes, Request], bytes]] = {
+    _handlers_by_code: dict[int, Callable[[SoundDevice, Any, Request], bytes]] = {
         p.Code.JACK_INFO: _jack_info,
         p.Code.JACK_REMAP: _jack_remap,
         p.Code.PCM_INFO: _pcm_info,
