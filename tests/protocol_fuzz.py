@@ -85,6 +85,7 @@ from tests.hostdriver.virtio import (
     U16,
     USED_ELEM,
     VIRTIO_F_VERSION_1,
+    store_u16,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -399,9 +400,9 @@ class Ring:
         chain.head, chain.descs = ids[0], ids
         self.inflight[chain.head] = chain
         a = self.avail - self.base
-        U16.pack_into(self.mm, a + 4 + 2 * (self.avail_idx % self.size), chain.head)
+        store_u16(self.mm, a + 4 + 2 * (self.avail_idx % self.size), chain.head)
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
-        U16.pack_into(self.mm, a + 2, self.avail_idx)
+        store_u16(self.mm, a + 2, self.avail_idx)
 
     def poll(self) -> tuple[Chain, int] | None:
         u = self.used - self.base
