@@ -36,7 +36,7 @@ class EventQueue:
         self.delivered = 0          # events written into a driver's buffer
         self.returned = 0           # buffers posted again after an event
         # after_acted_on's waiters: (events to be returned, callback, its timer)
-        self._waiters: list[tuple[int, Callable[[], None], threading.Timer | None]] = []
+        self._waiters: list[tuple[int, Callable[[], None], threading.Timer]] = []
 
     def on_buffer(self, request: Request) -> None:
         """A buffer the driver posted: filled now if an event waits, else held.
@@ -71,13 +71,11 @@ class EventQueue:
         if ready:
             callback()
 
-    def drop(self, keep: Callable[[bytes], bool]) -> int:
+    def drop(self, keep: Callable[[bytes], bool]) -> None:
         """Forget the waiting events ``keep`` says no to (a stream stopped
-        before they went out): how many went."""
+        before they went out)."""
         with self._lock:
-            before = len(self.pending)
             self.pending = deque(e for e in self.pending if keep(e))
-            return before - len(self.pending)
 
     def _take_ready(self) -> list[Callable[[], None]]:
         ready = [w for w in self._waiters if w[0] <= self.returned]
@@ -85,8 +83,7 @@ class EventQueue:
             return []
         self._waiters = [w for w in self._waiters if w[0] > self.returned]
         for _, _, timer in ready:
-            if timer is not None:
-                timer.cancel()
+            timer.cancel()
         return [callback for _, callback, _ in ready]
 
     def _expire(self, callback: Callable[[], None]) -> None:
@@ -120,8 +117,7 @@ class EventQueue:
             self.delivered = self.returned = 0
             waiters, self._waiters = self._waiters, []
         for _, _, timer in waiters:
-            if timer is not None:
-                timer.cancel()
+            timer.cancel()
         self._run([w[1] for w in waiters])     # their requests are gone: they see it
 
     def _deliver(self, request: Request, payload: bytes) -> None:
