@@ -22,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 
+from bench.heap import rss_mb
 from pyemb.snd import protocol as snd
 from pyemb.video import protocol as p
 from tests.encoder_client import EncodeRun, raw_pictures
@@ -29,14 +30,6 @@ from tests.hostdriver import Machine
 from tests.streams import encode
 from tests.test_snd_qtest import PERIOD, ctl, ok, set_params, start_card
 from tests.video_client import StreamRun, VideoClient
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def free_buffers(client: VideoClient, run: StreamRun | EncodeRun) -> None:

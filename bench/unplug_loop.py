@@ -8,25 +8,27 @@ cycle: ``device_add`` virtio-snd-py-pci (null backend), virtio-video-py-pci
 starts a stream on each (playback with four periods queued; a decoder
 stream fed a clip's first pictures; the camera streaming into MMAP buffers);
 then ``device_del`` of all three and the eject.  QEMU's RSS is sampled every
-``--every`` cycles; the figure is the median of the last quarter of the samples against that
-of the second quarter (the first is allocators and caches warming; RSS
-saws as unplugged devices' memory goes at finalize).  QEMU's
-stderr must stay empty.
+``--every`` cycles.  RSS saws (freed memory goes back to the kernel in lumps:
+arena trims, unplugged devices' memory after RCU and garbage collection), so
+the figure is the floor of the last quarter of the samples against the
+second quarter's (the first is allocators and caches warming up).  With
+``--heap`` the heap probe (bench/heap.py) also reports malloc's bytes in use
+and the Python heap's blocks the same way: level ones mean RSS above them is
+the allocator keeping pages, not a leak.  QEMU's stderr must stay empty.
 
-    .venv/bin/python -m bench.unplug_loop [--cycles 1000] [--every 100]
+    .venv/bin/python -m bench.unplug_loop [--cycles 1000] [--every 100] [--heap]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import struct
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.soak import rss_mb
+from bench import heap
 from pyemb.media import protocol as media
 from pyemb.snd import protocol as snd
 from pyemb.video import protocol as p
@@ -97,17 +99,18 @@ def start_sound(card) -> None:  # noqa: ANN001 - a tests.hostdriver VirtioDevice
 
 
 def cycles(m: Machine, count: int, tmp: Path, every: int = 0,
-           report: Callable[[int, float], None] | None = None,
-           kinds: tuple[str, ...] = KINDS) -> list[tuple[int, float]]:
-    """Run ``count`` cycles; RSS (MB) every ``every`` cycles."""
+           report: Callable[[dict[str, float]], None] | None = None,
+           kinds: tuple[str, ...] = KINDS, probe: Path | None = None) -> list[dict[str, float]]:
+    """Run ``count`` cycles; every ``every`` cycles a sample: the cycle, RSS
+    (MB) and, with ``probe`` (the heap probe's file), its latest figures."""
     config = snd_config(tmp)
     clip = [(data, i) for i, (data, _) in enumerate(encode("h264", 160, 96, 6))]
     curve = []
     # The devices' rings and buffers go with them: the driver starts each
     # cycle from the same guest memory (a slot's MSI-X vectors are its own).
-    heap = m.alloc.next
+    ring_memory = m.alloc.next
     for n in range(1, count + 1):
-        m.alloc = Allocator(heap, m.alloc.end)
+        m.alloc = Allocator(ring_memory, m.alloc.end)
         plug(m, config, kinds)
         start_streams(m, clip, kinds)
         unplug(m, kinds)
@@ -115,9 +118,12 @@ def cycles(m: Machine, count: int, tmp: Path, every: int = 0,
             # Unplugged devices' memory goes after an RCU grace period and
             # the Python side's at its next collection: let both happen.
             time.sleep(SETTLE_S)
-            curve.append((n, rss_mb(m.proc.pid)))
+            sample = {"cycle": n, "rss_mb": heap.rss_mb(m.proc.pid)}
+            if probe is not None:
+                sample.update(heap.latest(probe) or {})
+            curve.append(sample)
             if report:
-                report(*curve[-1])
+                report(sample)
     return curve
 
 
@@ -126,28 +132,33 @@ def main() -> None:
     ap.add_argument("--cycles", type=int, default=1000)
     ap.add_argument("--every", type=int, default=100)
     ap.add_argument("--devices", default=",".join(KINDS), help="of snd, video, media")
+    ap.add_argument("--heap", action="store_true",
+                    help="load the heap probe: malloc's and Python's figures too")
     args = ap.parse_args()
     kinds = tuple(args.devices.split(","))
     t0 = time.monotonic()
-    with tempfile.TemporaryDirectory() as tmp, \
-            Machine.x86([], mem_mb=256, count_interrupts=False) as m:
-        curve = cycles(m, args.cycles, Path(tmp), args.every,
-                       lambda n, mb: print(f"{n:6d} cycles  RSS {mb:7.1f} MB  "
-                                           f"{time.monotonic() - t0:6.0f} s", flush=True),
-                       kinds)
-        alive = m.alive()
-        stderr = m.stderr()
+
+    def report(s: dict[str, float]) -> None:
+        extra = (f"  malloc in use {s['malloc_in_use'] / 2**20:6.1f} MB  Python blocks "
+                 f"{s['py_blocks']:8.0f}" if "malloc_in_use" in s else "")
+        print(f"{s['cycle']:6.0f} cycles  RSS {s['rss_mb']:7.1f} MB{extra}  "
+              f"{time.monotonic() - t0:6.0f} s", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = Path(tmp) / "heap.jsonl" if args.heap else None
+        env = heap.probe_env(probe) if probe else None
+        with Machine.x86([], mem_mb=256, count_interrupts=False, env=env) as m:
+            curve = cycles(m, args.cycles, Path(tmp), args.every, report, kinds, probe)
+            alive = m.alive()
+            stderr = m.stderr()
     print(f"{args.cycles} cycles in {time.monotonic() - t0:.0f} s; QEMU alive: {alive}; "
           f"stderr: {len(stderr)} bytes")
-    # RSS saws up and down as unplugged devices' memory is freed (their
-    # region's huge pages go at finalize, after RCU): the figure is the
-    # median of the last quarter against that of the second.
-    quarter = len(curve) // 4
-    if quarter >= 1:
-        second = statistics.median(mb for _, mb in curve[quarter:2 * quarter])
-        last = statistics.median(mb for _, mb in curve[-quarter:])
-        print(f"RSS median, second quarter {second:.1f} MB, last quarter {last:.1f} MB: "
-              f"growth {last - second:+.1f} MB (target under 1 MB)")
+    print(heap.growth_line("RSS", [s["rss_mb"] for s in curve]) + " (target under 1 MB)")
+    if args.heap:
+        print(heap.growth_line("malloc in use",
+                               [s.get("malloc_in_use", 0) / 2**20 for s in curve]))
+        print(heap.growth_line("Python heap", [s.get("py_blocks", 0) for s in curve],
+                               "blocks"))
 
 
 if __name__ == "__main__":

@@ -635,13 +635,49 @@ static bool pyemb_create_model(VirtIOPyemb *s, uint16_t **queue_sizes,
     return true;
 }
 
+/*
+ * A model still alive once the shim's references are gone sits in a
+ * reference cycle (most do: streams that point back at their device); only
+ * the cyclic collector frees it, and pyemb.host runs that on a thread of its
+ * own, not on the main loop.  GIL held.
+ */
+static void pyemb_collect_if_alive(PyObject *model_ref)
+{
+    PyObject *host, *ret = NULL;
+
+    if (PyWeakref_GetObject(model_ref) == Py_None) {
+        return;
+    }
+    host = PyImport_ImportModule("pyemb.host");
+    if (host) {
+        ret = PyObject_CallMethod(host, "collect_cycles_soon", NULL);
+    }
+    if (!ret) {
+        pyemb_report_exception("pyemb", "freeing a device model");
+    }
+    Py_XDECREF(ret);
+    Py_XDECREF(host);
+}
+
 static void pyemb_drop_model(VirtIOPyemb *s)
 {
+    PyObject *model_ref = NULL;
+
+    if (s->model) {
+        model_ref = PyWeakref_NewRef(s->model, NULL);
+        if (!model_ref) {
+            PyErr_Clear();      /* a class without weak references */
+        }
+    }
     pyemb_revoke_shm_view(s);
     pyemb_device_handle_detach(s->handle);
     Py_CLEAR(s->dispatch);
     Py_CLEAR(s->model);
     Py_CLEAR(s->handle);
+    if (model_ref) {
+        pyemb_collect_if_alive(model_ref);
+        Py_DECREF(model_ref);
+    }
 }
 
 /*

@@ -7,9 +7,13 @@ tests/conftest.py gives QEMU.
 
 from __future__ import annotations
 
+import gc
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
+from pathlib import Path
 
 from pyemb.device import DeviceModel, Request, read_all, write_all
 from pyemb.video.protocol import Format, QueueType
@@ -174,6 +178,18 @@ class ProbeDevice(DeviceModel):
             mapping.view[:4] = b"PYEM"
             view = mapping.view
         return f"ok {data.hex()} after-release={self._probe(view)}"
+
+
+class CyclicProbe(ProbeDevice):
+    """A ProbeDevice in a reference cycle, as most device models are, moved to
+    the collector's oldest generation as a long-lived model would be; when it
+    is freed it writes "freed" into the file PYEMB_TEST_FREED names."""
+
+    def __init__(self, handle, config, **kwargs) -> None:
+        super().__init__(handle, config, **kwargs)
+        self.me = self
+        weakref.finalize(self, Path(os.environ["PYEMB_TEST_FREED"]).write_text, "freed")
+        gc.collect()        # survivors of a full collection: the oldest generation
 
 
 class FlakyVideoBackend(PyAVBackend):
