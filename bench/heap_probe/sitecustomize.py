@@ -2,12 +2,12 @@
 on QEMU's PYTHONPATH, so ``site`` imports it at the interpreter's start).
 
 With PYEMB_HEAP_PROBE naming a file, a daemon thread appends a JSON line to
-it every PROBE_INTERVAL_S: glibc's malloc figures over all arenas
-(``mallinfo2``: bytes in use, bytes the arenas hold, bytes free in them) and
-the Python heap (allocated blocks, objects the collector tracks,
-collections so far per generation).  RSS that
-climbs while these stay level is the allocator keeping pages, not a leak.
-Without the variable it does nothing.
+it every PROBE_INTERVAL_S: the process's anonymous RSS, glibc's malloc
+figures over all arenas (``mallinfo2``: bytes in use, bytes the arenas hold,
+bytes free in them) and the Python heap (allocated blocks, objects the
+collector tracks, collections so far per generation).  RSS that climbs while
+these stay level is the allocator keeping pages, not a leak.  Without the
+variable it does nothing.
 """
 
 import ctypes
@@ -30,6 +30,7 @@ class _MallInfo2(ctypes.Structure):
 def _sample(mallinfo2) -> dict:  # noqa: ANN001 - a ctypes function
     mi = mallinfo2()
     return {"t": time.monotonic(),
+            "rss_anon": _rss_anon(),
             "malloc_in_use": mi.uordblks + mi.hblkhd,   # small chunks + mmapped ones
             "malloc_held": mi.arena + mi.hblkhd,
             "malloc_free": mi.fordblks,
@@ -37,6 +38,14 @@ def _sample(mallinfo2) -> dict:  # noqa: ANN001 - a ctypes function
             "py_objects": len(gc.get_objects()),
             "gc_collections": [g["collections"] for g in gc.get_stats()],
             "threads": threading.active_count()}
+
+
+def _rss_anon() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) << 10
+    return 0
 
 
 def _run(path: str) -> None:
