@@ -807,6 +807,21 @@ def test_close_while_decoding_frees_everything_and_others_go_on(rig):
     assert [s.crc for s in other.decode(records[:30])] == reference("h264", records[:30])
 
 
+def test_a_closed_session_gives_the_memory_its_engine_freed_back(rig, monkeypatch):
+    """As virtio-video's streams: once the session's engine is closed, on its
+    worker (pyemb.memory)."""
+    calls = []
+    monkeypatch.setattr("pyemb.media.decoder.give_back_free_memory",
+                        lambda: calls.append(threading.current_thread()))
+    records, _ = crosvm()
+    g = Guest(rig)
+    g.feed(records[:20], until=lambda: len(g.pictures()) >= 1)
+    session = rig.dev.sessions[g.session]
+    g.close()
+    session.thread.join(5)
+    assert calls == [session.thread] and session.engine is None
+
+
 def test_close_waits_for_a_picture_copy_in_flight_and_nothing_is_written_after():
     rig = scripted_rig()
     ScriptedSession.gate = threading.Event()

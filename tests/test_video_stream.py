@@ -433,6 +433,19 @@ def test_stream_destroy_while_decoding_returns_the_input_with_err_before_the_ans
     assert not rig.handle.mappings
 
 
+def test_a_stream_gives_the_memory_its_engine_freed_back_as_it_ends(rig, monkeypatch):
+    """The worker's last act, after its engine closed: glibc's free pages go
+    back to the host (pyemb.memory), on the worker, not the main loop."""
+    calls = []
+    monkeypatch.setattr("pyemb.video.stream.give_back_free_memory",
+                        lambda: calls.append((rig.session.closed, threading.current_thread())))
+    wait_for([rig.decode(5)])
+    assert calls == []
+    rig.command(p.Cmd.STREAM_DESTROY)
+    rig.stream.thread.join(5)
+    assert calls == [(True, rig.stream.thread)]
+
+
 @pytest.mark.parametrize("where", ["decoding", "writing"])
 def test_reset_while_busy_completes_nothing_and_sends_no_event(rig, where):
     rig.queue_output(1)

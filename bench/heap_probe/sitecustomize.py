@@ -29,7 +29,7 @@ class _MallInfo2(ctypes.Structure):
 
 def _sample(mallinfo2) -> dict:  # noqa: ANN001 - a ctypes function
     mi = mallinfo2()
-    return {"t": time.monotonic(),
+    return {"t": time.monotonic(), "pid": os.getpid(),
             "rss_anon": _rss_anon(),
             "malloc_in_use": mi.uordblks + mi.hblkhd,   # small chunks + mmapped ones
             "malloc_held": mi.arena + mi.hblkhd,

@@ -104,6 +104,7 @@ from pyemb.media.controls import ControlSet, ControlSpec
 from pyemb.media.formats import NV12, RAW_FORMATS, YU12, ImageFormat
 from pyemb.media.protocol import V4L2Error
 from pyemb.media.session import Session
+from pyemb.memory import give_back_free_memory
 from pyemb.threadname import set_native_name
 from pyemb.video.protocol import BufferFlag, Format, QueueType
 from pyemb.video_backend import (
@@ -687,6 +688,7 @@ class DecoderSession(Session):
             if self.engine is not None:
                 self.engine.close()
                 self.engine = None
+            give_back_free_memory()
 
     def _fail(self) -> None:
         if self.closed:

@@ -21,6 +21,7 @@ from typing import Any
 
 from pyemb import log
 from pyemb.device import Request, write_all
+from pyemb.memory import give_back_free_memory
 from pyemb.threadname import set_native_name
 from pyemb.video import protocol as p
 from pyemb.video.resources import Resource
@@ -127,6 +128,7 @@ class StreamWorker:
                 self._fail()
         finally:
             self._close_engine()
+            give_back_free_memory()
 
     def push_now(self) -> None:
         """Within a step, before a call that may take long (an encoder's):
