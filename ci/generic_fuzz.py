@@ -1,6 +1,7 @@
 """QEMU's generic-fuzz over each pyemb device (``make generic-fuzz``, part of ``make fuzz``).
 
     .venv/bin/python ci/generic_fuzz.py [--seconds 300] [DEVICE ...]
+    .venv/bin/python ci/generic_fuzz.py --samples [DEVICE ...]
 
 Runs ``qemu-fuzz-x86_64 --fuzz-target=generic-fuzz`` from the sanitizer build
 (``ci/build-qemu.sh --sanitizers``: clang, ASan, UBSan, libFuzzer) once per
@@ -21,6 +22,12 @@ out-of-memory input is kept in tests/fuzz-corpus/generic/<device>/ with a
 qtest trace beside it (``<name>.qtest``, through QEMU's
 scripts/oss-fuzz/reorder_fuzzer_qtest_trace.py) that tests/test_fuzz_qtest.py
 replays on the normal build in ``make test``.
+
+``--samples`` keeps instead, per device, the largest input of the working
+corpus as ``sample-<sha1>`` with its trace: an input that passes, so that
+make test replays a fuzzer-made trace on every device and the path from an
+input to a replayed trace (write_trace, QEMU's reorder script,
+tests/test_fuzz_qtest.py) is exercised before a crash needs it.
 
 Prints, per device: inputs, inputs per second, new corpus entries, peak RSS,
 the RSS at the start and end of the run, and what QEMU itself wrote to
@@ -57,7 +64,7 @@ CACHE = Path(os.environ.get("PYEMB_CACHE", Path.home() / ".cache" / "pyemb")) / 
 FUZZER = BUILD / "qemu-fuzz-x86_64"
 TIMEOUT_S = 10              # an input that runs longer is a hang
 RSS_LIMIT_MB = 4096         # a process that grows past this is unbounded growth
-ARTIFACT = re.compile(r"^(crash|timeout|oom|leak|slow-unit)-[0-9a-f]+$")
+ARTIFACT = re.compile(r"^(crash|timeout|oom|leak|slow-unit|sample)-[0-9a-f]+$")
 STATUS = re.compile(r"^#(\d+)\s+(\w+)\s+cov: (\d+) .*?exec/s: (\d+) rss: (\d+)Mb")
 LIBFUZZER = re.compile(r"^(#\d+\s|INFO: |stat::|Done \d+ runs|MS: |base unit: |Running: |"
                        r"Executed |Matching objects by name |This process will try |"
@@ -101,6 +108,23 @@ def write_trace(device: str, case: Path) -> Path:
     out = case.with_name(case.name + ".qtest")
     out.write_text(trace)
     return out
+
+
+def keep_sample(device: str) -> Path:
+    """The working corpus's largest input, with its trace, as a regression case."""
+    corpus = CACHE / device / "corpus"
+    inputs = sorted(corpus.iterdir(), key=lambda p: (-p.stat().st_size, p.name)) \
+        if corpus.is_dir() else []
+    if not inputs:
+        raise SystemExit(f"generic_fuzz: no corpus for {device}: fuzz it first")
+    regdir = CORPUS / device
+    regdir.mkdir(parents=True, exist_ok=True)
+    for old in regdir.glob("sample-*"):
+        old.unlink()
+    case = regdir / f"sample-{inputs[0].name}"
+    case.write_bytes(inputs[0].read_bytes())
+    write_trace(device, case)
+    return case
 
 
 def qemu_lines(lines: list[str]) -> list[str]:
@@ -172,6 +196,8 @@ def fuzz(device: str, seconds: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=int, default=300, help="fuzzing time per device")
+    ap.add_argument("--samples", action="store_true",
+                    help="keep each device's largest corpus input as a sample case; no fuzzing")
     ap.add_argument("devices", nargs="*", metavar="DEVICE",
                     help=f"devices to fuzz: {', '.join(DEVICES)} (default: all)")
     args = ap.parse_args()
@@ -183,6 +209,15 @@ def main() -> int:
         print(f"generic_fuzz: {FUZZER} is missing: run `bash ci/build-qemu.sh --sanitizers` "
               "(make generic-fuzz does)", file=sys.stderr)
         return 2
+    if args.samples:
+        for device in args.devices:
+            case = keep_sample(device)
+            ok, out = replay(device, case)
+            print(f"{device}: kept {case.name}: {'passes' if ok else 'FAILS'}")
+            if not ok:
+                print(out[-4000:])
+                return 1
+        return 0
     failed = False
     for device in args.devices:
         cases = regression_cases(device)

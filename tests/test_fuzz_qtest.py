@@ -8,7 +8,10 @@ before the access that read it.  It is replayed here on the build under test
 sanitize) with the machine and device the fuzzer had: QEMU must answer every
 command in time, stay up, and exit cleanly.  The raw input beside it
 (<case>, for qemu-fuzz-x86_64) is replayed by make generic-fuzz before it fuzzes.
-Without cases this module has nothing to run.
+Beside the findings, each device has a ``sample-*`` case (``ci/generic_fuzz.py
+--samples``): its fuzzer corpus's largest input, one that passed, so that a
+fuzzer-made trace runs on every device and the replay itself is tested before a
+finding depends on it.
 """
 
 from __future__ import annotations
