@@ -104,12 +104,21 @@ class ProtocolError(Exception):
         self.status = status
 
 
-def read_all(request: Request) -> bytes:
-    """The device-readable part of a request as one byte string (a copy)."""
+def read_all(request: Request, limit: int | None = None) -> bytes:
+    """The device-readable part of a request as one byte string (a copy), at
+    most ``limit`` bytes of it: a guest's descriptors may name all of its RAM,
+    many times over (QEMU's generic-fuzz held the main loop for minutes with
+    one control request), and a command is read on QEMU's main loop."""
     views = request.readable
-    if len(views) == 1:
-        return bytes(views[0])
-    return b"".join(views)
+    if limit is None:
+        return bytes(views[0]) if len(views) == 1 else b"".join(views)
+    pieces = []
+    for view in views:
+        if limit <= 0:
+            break
+        pieces.append(bytes(view[:limit]))
+        limit -= len(pieces[-1])
+    return b"".join(pieces)
 
 
 def write_all(request: Request, data: bytes | memoryview) -> int:
@@ -145,6 +154,9 @@ class DeviceModel:
 
     device_id: int = 0
     queue_sizes: tuple[int, ...] = ()
+    # What serve_command reads of a request at most: the largest command the
+    # protocol has (one byte more where a longer one is an error).
+    max_command_bytes: int | None = None
     features: int = 0
     config_size: int = 0
 
@@ -212,7 +224,7 @@ class DeviceModel:
         exception is logged and becomes ``error_reply(internal_error)``.  A
         handler that returns None has taken the request to complete later.
         """
-        command = read_all(request)
+        command = read_all(request, self.max_command_bytes)
         try:
             response = handle(command, request)
         except ProtocolError as e:

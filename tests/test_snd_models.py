@@ -189,6 +189,34 @@ def test_malformed_control_gets_bad_msg(card, command, reply_size):
     assert status(card.control(p.QUERY_INFO.pack(p.Code.PCM_INFO, 0, 2, 32), 68)) == p.Status.OK
 
 
+@pytest.mark.parametrize("queue", [p.CONTROL_QUEUE, p.TX_QUEUE])
+def test_a_request_naming_a_huge_buffer_is_read_only_as_far_as_a_command_goes(card, queue):
+    """QEMU's generic-fuzz held QEMU's main loop for over a minute with a control
+    request whose descriptors named hundreds of MB: the whole readable part was
+    copied to parse a command of at most 521 bytes.  Now only that much is
+    read (a tx message's 4-byte header likewise)."""
+    import mmap
+    import tracemalloc
+    huge = mmap.mmap(-1, 256 << 20)         # untouched: no memory until read
+    head = p.QUERY_INFO.pack(p.Code.PCM_INFO, 0, 2, 32) if queue == p.CONTROL_QUEUE \
+        else b"\0\0"                       # half a tx header, the rest in the huge part
+    req = FakeRequest([head], [4, 8], queue=queue)
+    req.readable = (memoryview(head), memoryview(huge).toreadonly())
+    req.readable_size = len(head) + len(huge)
+    tracemalloc.start()
+    try:
+        card.model.handle_request(queue, req)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    req.readable = ()
+    huge.close()
+    assert peak < 1 << 20, f"{peak >> 20} MiB copied"
+    assert req.done         # PCM_INFO of the wrong size, a tx message on an idle stream
+    if queue == p.CONTROL_QUEUE:
+        assert status(req.reply) == p.Status.BAD_MSG
+
+
 def test_control_elements_need_the_feature(tmp_path):
     c = Card(tmp_path, ctls=False)
     assert status(c.control(p.CTL_HDR.pack(p.Code.CTL_READ, 0), 516)) == p.Status.NOT_SUPP

@@ -43,6 +43,11 @@ from pyemb.media.protocol import V4L2Error
 from pyemb.media.session import Session
 from pyemb.media.shm import SharedMemory
 
+# What a command is read of at most (on the main loop): an ioctl's payload
+# (a few KB) and its USERPTR scatter lists (MAX_SG_ENTRIES a plane, 16 bytes
+# each, VIDEO_MAX_PLANES planes: 2 MiB), with room to spare.
+MAX_COMMAND_BYTES = 4 << 20
+
 MAX_EXT_CONTROLS = 1024           # V4L2_CID_MAX_CTRLS
 EVENT_BACKLOG = 256
 FENCE_TIMEOUT_S = 2.0
@@ -111,7 +116,7 @@ class MediaDevice(DeviceModel):
 
     # -- commands -------------------------------------------------------------------
     def _command(self, request: Request) -> None:
-        data = read_all(request)
+        data = read_all(request, MAX_COMMAND_BYTES)
         self._answering = self._fence = None
         reply = self._dispatch(data)
         if reply is None:                   # CLOSE: nothing to write

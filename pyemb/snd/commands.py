@@ -70,6 +70,12 @@ CTL_HEADER_ONLY = {p.Code.CTL_READ, p.Code.CTL_TLV_READ}
 CTL_ANY_SIZE = {p.Code.CTL_ENUM_ITEMS, p.Code.CTL_TLV_WRITE, p.Code.CTL_TLV_COMMAND}
 
 
+# One byte more than the largest control request: a longer one still reads
+# as the wrong size, and no more of it is copied.
+MAX_COMMAND_BYTES = max(p.QUERY_INFO.size, p.JACK_REMAP.size, p.PCM_SET_PARAMS.size,
+                        p.PCM_HDR.size, p.CTL_HDR.size + p.CTL_VALUE_SIZE) + 1
+
+
 def _exactly(command: bytes, size: int, what: str) -> None:
     if len(command) != size:
         raise ProtocolError(p.Status.BAD_MSG, f"{what} of wrong size")

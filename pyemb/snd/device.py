@@ -13,7 +13,14 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from pyemb.config import ConfigError, section
-from pyemb.device import DeviceHandle, DeviceModel, ProtocolError, Request, write_all
+from pyemb.device import (
+    DeviceHandle,
+    DeviceModel,
+    ProtocolError,
+    Request,
+    read_all,
+    write_all,
+)
 from pyemb.events import EventQueue
 from pyemb.snd import commands
 from pyemb.snd import protocol as p
@@ -33,6 +40,7 @@ class SoundDevice(DeviceModel):
     queue_sizes = (64, 64, 256, 256)
     features = 1 << p.F_CTLS
     config_size = p.CONFIG.size
+    max_command_bytes = commands.MAX_COMMAND_BYTES
 
     def __init__(self, handle: DeviceHandle, config: Mapping[str, Any],
                  backend_class: type | None = None) -> None:
@@ -212,9 +220,7 @@ class SoundDevice(DeviceModel):
         try:
             if request.readable_size < p.PCM_XFER.size:
                 raise ProtocolError(p.Status.BAD_MSG, "PCM message without a header")
-            header = bytes(request.readable[0][:p.PCM_XFER.size]) \
-                if len(request.readable[0]) >= p.PCM_XFER.size \
-                else b"".join(request.readable)[:p.PCM_XFER.size]
+            header = read_all(request, p.PCM_XFER.size)
             (stream_id,) = p.PCM_XFER.unpack(header)
             if stream_id >= len(self.streams) or self.streams[stream_id].output != output:
                 raise ProtocolError(p.Status.BAD_MSG, f"no {('capture', 'playback')[output]} "

@@ -38,7 +38,7 @@ from pyemb.video.commands import (
 )
 from pyemb.video.decoder import DecoderStream, guest_or_minimum, plane_formats
 from pyemb.video.encoder import EncoderStream
-from pyemb.video.resources import MAX_RESOURCES, Budget, Resource, map_entries
+from pyemb.video.resources import MAX_ENTRIES, MAX_RESOURCES, Budget, Resource, map_entries
 from pyemb.video_backend import PyAVBackend, VideoBackend
 
 MAX_CAPS_LENGTH = 4096
@@ -54,6 +54,7 @@ class VideoDevice(DeviceModel):
     # until it is done.
     queue_sizes = (1024, 256)
     features = (1 << p.F_RESOURCE_GUEST_PAGES) | (1 << p.F_RESOURCE_NON_CONTIG)
+    max_command_bytes = p.RESOURCE_CREATE.size + MAX_ENTRIES * p.MEM_ENTRY.size  # the largest
     config_size = p.CONFIG.size
 
     def __init__(self, handle: DeviceHandle, config: Mapping[str, Any],
