@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 from pathlib import Path
 
 PROBE_DIR = Path(__file__).resolve().parent / "heap_probe"
@@ -49,21 +48,20 @@ def latest(out: Path) -> dict[str, float] | None:
     return None
 
 
-def quarters(values: list[float]) -> list[tuple[float, float]]:
-    """(floor, median) of each quarter of a series, in order."""
+def quarter_floors(values: list[float]) -> list[float]:
+    """The lowest sample of each quarter of a series, in order."""
     n = len(values) // 4
     if n == 0:
         return []
-    parts = [values[i * n:(i + 1) * n] for i in range(3)] + [values[3 * n:]]
-    return [(min(p), statistics.median(p)) for p in parts]
+    return [min(values[i * n:(i + 1) * n]) for i in range(3)] + [min(values[3 * n:])]
 
 
 def growth_line(name: str, values: list[float], unit: str = "MB") -> str:
     """The floors of the four quarters, and the last floor against the second's
     (the first quarter is caches and allocators warming up)."""
-    q = quarters(values)
-    if not q:
+    floors = quarter_floors(values)
+    if not floors:
         return f"{name}: too few samples"
-    floors = "  ".join(f"{f:.1f}" for f, _ in q)
-    return (f"{name} floor by quarter {floors} {unit}: last against second "
-            f"{q[3][0] - q[1][0]:+.1f} {unit}")
+    shown = "  ".join(f"{f:.1f}" for f in floors)
+    return (f"{name} floor by quarter {shown} {unit}: last against second "
+            f"{floors[3] - floors[1]:+.1f} {unit}")

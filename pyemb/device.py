@@ -112,11 +112,11 @@ def read_all(request: Request, limit: int | None = None) -> bytes:
     views = request.readable
     if limit is None:
         return bytes(views[0]) if len(views) == 1 else b"".join(views)
-    pieces = []
+    pieces = []                         # slices, copied once by the join
     for view in views:
         if limit <= 0:
             break
-        pieces.append(bytes(view[:limit]))
+        pieces.append(view[:limit])
         limit -= len(pieces[-1])
     return b"".join(pieces)
 

@@ -103,7 +103,6 @@ class _CycleCollector:
         self._wanted = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self.collections = 0
 
     def request(self) -> None:
         with self._lock:
@@ -118,7 +117,6 @@ class _CycleCollector:
             self._wanted.wait()
             self._wanted.clear()
             gc.collect()
-            self.collections += 1
 
 
 _cycle_collector = _CycleCollector()
